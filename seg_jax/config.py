@@ -1,0 +1,206 @@
+"""The config schema shared by every experiment, and its checks.
+
+Every experiment config (`configs/*.py`) starts from `base_config()`, which
+names and documents every key. `validate(config)` runs before anything is
+built: an unknown key (a typo in a config file or in `--config.x=y`) or a bad
+value raises `ConfigError` with a one-line message naming the key and why.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable
+
+import ml_collections
+from ml_collections import config_dict
+
+DATASETS = ("shapes",)
+MODELS = ("unet",)
+NORMS = ("batch", "group", "none")
+UPSAMPLINGS = ("transpose", "resize")
+LOSS_TERMS = ("ce", "bce", "dice", "focal")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "warmup_cosine", "polynomial")
+DTYPES = ("float32", "bfloat16")
+ON_NONFINITE = ("stop",)
+
+
+class ConfigError(ValueError):
+  """A config key is unknown or has a bad value; the message is one line."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key any experiment may set, with its default."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0                        # one seed for init, data order, augmentation, dropout
+  c.batch_size = 16                 # global batch over all devices and hosts
+  c.num_train_steps = 1000
+  c.log_every_steps = 50            # train metrics, progress line, non-finite check
+  c.eval_every_steps = 500          # also evaluates after the last step
+  c.checkpoint_every_steps = 500    # also saves after the last step
+  c.keep_checkpoints = 3            # newest checkpoints kept in WORKDIR/checkpoints
+  c.num_eval_visuals = 6            # examples drawn into PNG panels at each eval
+  c.dtype = "float32"               # compute dtype; parameters stay float32
+  c.on_nonfinite = "stop"           # a NaN/Inf loss stops training, naming the step
+  # Persistent XLA compilation cache ('' = off); speeds up a second start.
+  c.compilation_cache_dir = "~/.cache/seg_jax/jax_cache"
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "shapes"         # see seg_jax/data/pipeline.py for the registry
+  c.dataset.data_dir = ""           # TFDS data dir; '' = TFDS default (~/tensorflow_datasets)
+  c.dataset.num_classes = 6         # including background (class 0)
+  c.dataset.ignore_label = 255      # never counts in loss or metrics
+  c.dataset.image_size = 64         # shapes: generated size; training crop size
+  c.dataset.num_train = 2000        # shapes: examples per split
+  c.dataset.num_validation = 200
+  c.dataset.num_test = 200
+  c.dataset.eval_split = "validation"
+  c.dataset.shuffle_buffer = 2000
+  c.dataset.cache = True            # cache decoded examples in memory
+  c.dataset.augment = ml_collections.ConfigDict()
+  c.dataset.augment.hflip = True
+  c.dataset.augment.vflip = True
+  c.dataset.augment.min_scale = 0.75   # random scale-and-crop: scale factor range
+  c.dataset.augment.max_scale = 1.25
+  c.dataset.augment.brightness = 0.15  # colour jitter magnitudes (0 = off)
+  c.dataset.augment.contrast = 0.2
+  c.dataset.augment.saturation = 0.2
+  c.dataset.augment.hue = 0.03
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "unet"
+  c.model.width = 32                # channels at the first level, doubled per level
+  c.model.depth = 4                 # number of 2x downsamplings
+  c.model.norm = "batch"            # batch | group | none
+  c.model.norm_groups = 8           # groups for group norm
+  c.model.upsample = "transpose"    # transpose (learned 2x2/2) | resize (bilinear + 3x3 conv)
+  c.model.dropout = 0.0             # dropout rate in the bottleneck and decoder
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "ce+dice"           # '+'-joined terms from ce, bce, dice, focal
+  c.loss.ce_weight = 1.0
+  c.loss.bce_weight = 1.0
+  c.loss.dice_weight = 1.0
+  c.loss.focal_weight = 1.0
+  c.loss.class_weights = config_dict.placeholder(tuple)  # per-class CE weights, or None
+  c.loss.dice_smooth = 1.0
+  c.loss.focal_gamma = 2.0
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"        # sgd (with momentum) | adam | adamw
+  c.optimizer.learning_rate = 1e-3  # peak learning rate
+  c.optimizer.momentum = 0.9        # sgd
+  c.optimizer.nesterov = False      # sgd
+  c.optimizer.b1 = 0.9              # adam, adamw
+  c.optimizer.b2 = 0.999
+  c.optimizer.weight_decay = 0.0    # adamw: decoupled; sgd/adam: added to the gradient (L2)
+  c.optimizer.schedule = "warmup_cosine"  # constant | warmup_cosine | polynomial
+  c.optimizer.warmup_steps = 0      # linear warm-up (all schedules)
+  c.optimizer.end_learning_rate_factor = 0.0  # polynomial/cosine: final lr / peak lr
+  c.optimizer.power = 0.9           # polynomial decay power ("poly" schedule of DeepLab)
+  c.optimizer.grad_clip_norm = 0.0  # clip by global norm; 0 = off
+  return c
+
+
+def _flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat_items(value, f"{name}.")
+    else:
+      yield name, value
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+  raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first unknown key or bad value."""
+  known = dict(_flat_items(base_config()))
+  for key, value in _flat_items(config):
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1)
+      hint = f" (did you mean {close[0]}?)" if close else ""
+      _fail(key, value, f"unknown config key{hint}")
+
+  def choice(key, allowed):
+    value = _get(config, key)
+    if value not in allowed:
+      _fail(key, value, f"must be one of {', '.join(allowed)}")
+
+  def positive(key, allow_zero=False):
+    value = _get(config, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
+      _fail(key, value, "must be a number " + (">= 0" if allow_zero else "> 0"))
+
+  choice("dataset.name", DATASETS)
+  choice("model.name", MODELS)
+  choice("model.norm", NORMS)
+  choice("model.upsample", UPSAMPLINGS)
+  choice("optimizer.name", OPTIMIZERS)
+  choice("optimizer.schedule", SCHEDULES)
+  choice("dtype", DTYPES)
+  choice("on_nonfinite", ON_NONFINITE)
+  for key in ("batch_size", "num_train_steps", "log_every_steps", "eval_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints", "model.width", "model.depth",
+              "dataset.num_classes", "dataset.image_size", "optimizer.learning_rate"):
+    positive(key)
+  for key in ("num_eval_visuals", "optimizer.weight_decay", "optimizer.warmup_steps",
+              "optimizer.grad_clip_norm", "model.dropout", "loss.dice_smooth",
+              "loss.focal_gamma", "dataset.num_train", "dataset.num_validation",
+              "dataset.num_test", "dataset.shuffle_buffer"):
+    positive(key, allow_zero=True)
+
+  if not 0 <= config.model.dropout < 1:
+    _fail("model.dropout", config.model.dropout, "must be in [0, 1)")
+  if config.model.norm == "group" and config.model.width % config.model.norm_groups:
+    _fail("model.norm_groups", config.model.norm_groups,
+          f"must divide model.width={config.model.width}")
+  if config.dataset.image_size % (2 ** config.model.depth):
+    _fail("dataset.image_size", config.dataset.image_size,
+          f"must be divisible by 2**model.depth={2 ** config.model.depth}")
+
+  if config.optimizer.warmup_steps >= config.num_train_steps:
+    _fail("optimizer.warmup_steps", config.optimizer.warmup_steps,
+          f"must be < num_train_steps={config.num_train_steps}")
+
+  terms = str(config.loss.name).split("+")
+  for term in terms:
+    if term not in LOSS_TERMS:
+      _fail("loss.name", config.loss.name,
+            f"unknown term {term!r}; terms are {', '.join(LOSS_TERMS)} joined by '+'")
+  if "bce" in terms:
+    if config.dataset.num_classes != 2:
+      _fail("loss.name", config.loss.name,
+            f"'bce' (one logit) needs dataset.num_classes=2, got {config.dataset.num_classes}")
+    if {"ce", "focal"} & set(terms):
+      _fail("loss.name", config.loss.name, "'bce' (one logit) cannot be mixed with softmax terms")
+  weights = config.loss.class_weights
+  if weights is not None:
+    if len(weights) != config.dataset.num_classes or any(w < 0 for w in weights):
+      _fail("loss.class_weights", weights,
+            f"must be {config.dataset.num_classes} non-negative numbers (one per class)")
+  lo, hi = config.dataset.augment.min_scale, config.dataset.augment.max_scale
+  if not 0 < lo <= hi:
+    _fail("dataset.augment.min_scale", lo, f"must satisfy 0 < min_scale <= max_scale={hi}")
+  if not 0 <= config.dataset.ignore_label or 0 <= config.dataset.ignore_label < config.dataset.num_classes:
+    _fail("dataset.ignore_label", config.dataset.ignore_label,
+          f"must be >= 0 and outside [0, num_classes={config.dataset.num_classes})")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def num_logits(config: ml_collections.ConfigDict) -> int:
+  """One logit for binary tasks trained with BCE, else one per class."""
+  return 1 if "bce" in str(config.loss.name).split("+") else config.dataset.num_classes
+
+
+def loss_terms(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """{'ce': weight, 'dice': weight, ...} from loss.name and loss.<term>_weight."""
+  return {t: float(config.loss[f"{t}_weight"]) for t in str(config.loss.name).split("+")}

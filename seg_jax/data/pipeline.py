@@ -1,0 +1,145 @@
+"""Input pipelines: TFDS -> tf.data -> per-host numpy batches.
+
+Batches follow the data contract of shared/DESIGN.md: `image` float32
+[B, H, W, C] in [-1, 1], `mask` int32 [B, H, W], `valid` bool [B] (eval only:
+the last batch is padded, padded examples have valid=False and an all-ignore
+mask). `parallel.host_batch_to_global` turns them into global jax.Arrays.
+
+Each process reads its own shard of every split (`tfds.split_for_jax_process`).
+The training stream is a pure function of (seed, step): a seeded shuffle of
+the repeated split, skipped to the resume step, with per-example stateless
+augmentation seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator
+
+os.environ.setdefault("NO_GCE_CHECK", "true")  # no cloud metadata lookups (no network here)
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from seg_jax.data import transforms
+
+# TF must never take the accelerators away from JAX.
+tf.config.set_visible_devices([], "GPU")
+
+
+class DataError(ValueError):
+  """The data breaks the data contract (e.g. a label outside [0, num_classes))."""
+
+
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The dataset's TFDS builder, prepared (generated or read from cache)."""
+  d = config.dataset
+  data_dir = os.path.expanduser(d.data_dir) if d.data_dir else None
+  if d.name == "shapes":
+    from seg_jax.data.builders import shapes
+    builder = shapes.shapes_builder(
+        data_dir=data_dir, image_size=d.image_size, num_train=d.num_train,
+        num_validation=d.num_validation, num_test=d.num_test, seed=config.seed)
+    shapes.prepare(builder)
+    return builder
+  raise ValueError(f"unknown dataset {d.name!r}")
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+  if config.dataset.name == "shapes":
+    from seg_jax.data.builders import shapes
+    return list(shapes.CLASS_NAMES)
+  return [f"class_{i}" for i in range(config.dataset.num_classes)]
+
+
+def _decode(example):
+  return {"image": example["image"], "mask": tf.cast(example["mask"][..., 0], tf.int32),
+          "id": example["id"]}
+
+
+def _check_labels(batch: dict[str, np.ndarray], num_classes: int, ignore_label: int):
+  mask = batch["mask"]
+  bad = (mask >= num_classes) | (mask < 0)
+  bad &= mask != ignore_label
+  if bad.any():
+    rows = np.nonzero(bad.reshape(len(mask), -1).any(axis=1))[0]
+    ids = [batch["id"][i].decode() if isinstance(batch["id"][i], bytes) else str(batch["id"][i])
+           for i in rows[:5]]
+    values = np.unique(mask[bad])[:10].tolist()
+    raise DataError(f"mask values {values} outside [0, {num_classes}) and not ignore_label="
+                    f"{ignore_label} in examples {ids}")
+
+
+def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict) -> Iterator[dict]:
+  for batch in tfds.as_numpy(ds):
+    _check_labels(batch, config.dataset.num_classes, config.dataset.ignore_label)
+    batch.pop("id")
+    yield batch
+
+
+def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, *,
+                  start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Endless augmented training batches of this host, starting at `start_step`."""
+  from seg_jax import parallel
+  d = config.dataset
+  host_batch = parallel.per_host_batch_size(config.batch_size)
+  ds = builder.as_dataset(split=tfds.split_for_jax_process("train"), shuffle_files=False)
+  ds = ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
+  if d.cache:
+    ds = ds.cache()
+  process_seed = [config.seed, jax.process_index()]
+  ds = ds.repeat().shuffle(d.shuffle_buffer or 1, seed=hash(tuple(process_seed)) % 2**31,
+                           reshuffle_each_iteration=True)
+  ds = ds.enumerate().skip(start_step * host_batch)  # resume: same stream, later position
+
+  def augment(index, example):
+    seed = tf.stack([tf.cast(config.seed, tf.int64) * 1_000_003 + jax.process_index(), index])
+    image, mask = transforms.train_augment(
+        example["image"], example["mask"], seed, aug=d.augment, size=d.image_size,
+        ignore_label=d.ignore_label)
+    return {"image": image, "mask": mask, "id": example["id"]}
+
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _host_batches(ds, config)
+
+
+def num_eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                     split: str) -> int:
+  """Batches per host so that the host with the most examples sees all of them."""
+  from seg_jax import parallel
+  total = builder.info.splits[split].num_examples
+  per_host = math.ceil(total / jax.process_count())
+  return math.ceil(per_host / parallel.per_host_batch_size(config.batch_size))
+
+
+def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                 split: str) -> Iterator[dict[str, np.ndarray]]:
+  """Every example of this host's shard of `split` exactly once, last batch padded.
+
+  All hosts yield the same number of batches (`num_eval_batches`), as the
+  jitted eval step needs every host to take part in every step.
+  """
+  from seg_jax import parallel
+  d = config.dataset
+  host_batch = parallel.per_host_batch_size(config.batch_size)
+  num_batches = num_eval_batches(config, builder, split)
+  ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
+
+  def prepare(example):
+    example = _decode(example)
+    return {"image": transforms.normalize_image(example["image"]), "mask": example["mask"],
+            "valid": tf.constant(True), "id": example["id"]}
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros(ds.element_spec["image"].shape, tf.float32),
+      "mask": tf.fill(ds.element_spec["mask"].shape, tf.constant(d.ignore_label, tf.int32)),
+      "valid": tf.constant(False), "id": tf.constant("padding")}).repeat()
+  ds = ds.concatenate(padding).take(num_batches * host_batch)
+  ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _host_batches(ds, config)

@@ -1,0 +1,372 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
+
+Reads top to bottom: optimiser, state, train step, eval step, the loop.
+Device code (the steps) is pure and jitted over the mesh; everything else
+(data, checkpoints, writers, pictures) is host code around it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from seg_jax import config as config_lib
+from seg_jax import losses
+from seg_jax import metrics
+from seg_jax import models
+from seg_jax import parallel
+from seg_jax import visualize
+from seg_jax import writers
+from seg_jax.data import pipeline
+from seg_jax.data import transforms
+from seg_jax.models import registry
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a NaN/Inf; the message names the step and the quantity."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+# ---------------------------------------------------------------------------- optimiser
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  o = config.optimizer
+  peak, warmup = o.learning_rate, o.warmup_steps
+  end = peak * o.end_learning_rate_factor
+  decay_steps = max(config.num_train_steps - warmup, 1)
+  if o.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, config.num_train_steps, end)
+  if o.schedule == "polynomial":
+    after = optax.polynomial_schedule(peak, end, o.power, decay_steps)
+  elif o.schedule == "constant":
+    after = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"unknown schedule {o.schedule!r}")
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on conv/dense kernels only, not on biases or norm scales."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  o = config.optimizer
+  schedule = make_schedule(config)
+  if o.name == "adamw":
+    core = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=_decay_mask)
+  else:
+    if o.name == "sgd":
+      base = optax.sgd(schedule, momentum=o.momentum or None, nesterov=o.nesterov)
+    elif o.name == "adam":
+      base = optax.adam(schedule, b1=o.b1, b2=o.b2)
+    else:
+      raise ValueError(f"unknown optimizer {o.name!r}")
+    # Classic L2: the decay is added to the gradient before the optimiser sees it.
+    core = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=_decay_mask), base)
+  if o.grad_clip_norm:
+    core = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), core)
+  return core, schedule
+
+
+# ---------------------------------------------------------------------------- state
+
+def create_train_state(config, model: nn.Module, tx: optax.GradientTransformation,
+                       mesh) -> TrainState:
+  """Initialises parameters on device, replicated over the mesh."""
+  size = config.dataset.image_size
+
+  def init(key):
+    variables = model.init(key, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(models.init_key(config.seed))
+
+
+def _variables(state: TrainState) -> dict:
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return variables
+
+
+# ---------------------------------------------------------------------------- steps
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+  """One optimiser step on a global batch; returns the new state and scalar metrics."""
+  dropout_key = jax.random.fold_in(jax.random.key(config.seed), state.step + 1)
+  terms = config_lib.loss_terms(config)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {**_variables(state), "params": params}, batch["image"], train=True,
+        mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    total, parts = losses.segmentation_loss(
+        logits, batch["mask"], terms=terms, class_weights=_class_weights(config),
+        ignore_label=config.dataset.ignore_label, dice_smooth=config.loss.dice_smooth,
+        focal_gamma=config.loss.focal_gamma)
+    return total, (parts, updates.get("batch_stats", {}))
+
+  (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            batch_stats=batch_stats, opt_state=opt_state)
+  step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                  "learning_rate": schedule(state.step)}
+  step_metrics.update({f"loss_{name}": value for name, value in parts.items()})
+  return new_state, step_metrics
+
+
+def _class_weights(config):
+  weights = config.loss.class_weights
+  return None if weights is None else jnp.asarray(weights, jnp.float32)
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
+              config: ml_collections.ConfigDict) -> tuple[metrics.ConfusionMatrix, jax.Array]:
+  """Confusion matrix of one global batch (padding excluded) and its predicted class ids."""
+  logits = model.apply(_variables(state), batch["image"], train=False)
+  predictions = predict_classes(logits)
+  num_classes = config.dataset.num_classes
+  matrix = metrics.confusion_matrix(predictions, batch["mask"], num_classes=num_classes,
+                                    ignore_label=config.dataset.ignore_label,
+                                    valid=batch["valid"])
+  return metrics.ConfusionMatrix(matrix=matrix), predictions
+
+
+def predict_classes(logits: jax.Array) -> jax.Array:
+  """Class ids [N, H, W] from logits: argmax, or logit > 0 for one binary logit."""
+  if logits.shape[-1] == 1:
+    return (logits[..., 0] > 0).astype(jnp.int32)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------- host helpers
+
+class Trainer:
+  """Everything a run needs, built once from the config: model, mesh, jitted steps, data, checkpoints."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = parallel.make_mesh()
+    self.model = registry.build_model(config)
+    self.tx, self.schedule = make_optimizer(config)
+    self.builder = pipeline.get_builder(config)
+    self.class_names = pipeline.class_names(config)
+    replicated = parallel.replicated(self.mesh)
+    data = parallel.batch_sharding(self.mesh)
+    self.train_step = jax.jit(
+        functools.partial(train_step, model=self.model, tx=self.tx, schedule=self.schedule,
+                          config=config),
+        in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+        donate_argnums=0)
+    self.eval_step = jax.jit(
+        functools.partial(eval_step, model=self.model, config=config),
+        in_shardings=(replicated, data), out_shardings=(replicated, data))
+    self.checkpoints = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+
+  def initial_state(self) -> TrainState:
+    state = create_train_state(self.config, self.model, self.tx, self.mesh)
+    latest = self.checkpoints.latest_step()
+    if latest is None:
+      return state
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    logging.info("Resuming from checkpoint at step %d in %s", latest, self.checkpoints.directory)
+    return self.checkpoints.restore(latest, args=ocp.args.StandardRestore(abstract))
+
+  def evaluate(self, state: TrainState, split: str) -> tuple[dict, dict]:
+    """Dataset-level scores over every example of `split`, and arrays for the visuals."""
+    total = None
+    visuals = None
+    for batch in pipeline.eval_batches(self.config, self.builder, split):
+      device_batch = parallel.host_batch_to_global(batch, self.mesh)
+      matrix, predictions = self.eval_step(state, device_batch)
+      total = matrix if total is None else total.merge(matrix)
+      if visuals is None and self.config.num_eval_visuals:
+        n = self.config.num_eval_visuals
+        visuals = {"image": batch["image"][:n], "mask": batch["mask"][:n],
+                   "valid": batch["valid"][:n],
+                   "prediction": _local_rows(predictions)[:n]}
+    return total.compute(), visuals
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order."""
+  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
+
+
+def eval_scalars(scores: dict, class_names: list[str]) -> dict[str, float]:
+  """Flat scalar dict for the writers: means and per-class values."""
+  out = {"eval/dice": scores["mean_dice"], "eval/jaccard": scores["mean_jaccard"],
+         "eval/miou": scores["mean_jaccard"], "eval/pixel_accuracy": scores["pixel_accuracy"],
+         "eval/dice_foreground": scores["mean_dice_foreground"],
+         "eval/miou_foreground": scores["mean_jaccard_foreground"]}
+  for c, name in enumerate(class_names):
+    out[f"eval/dice/{name}"] = scores["dice"][c]
+    out[f"eval/iou/{name}"] = scores["jaccard"][c]
+  return {k: float(v) for k, v in out.items()}
+
+
+def format_scores_table(scores: dict, class_names: list[str]) -> str:
+  lines = [f"{'class':<16}{'dice':>8}{'iou':>8}"]
+  for c, name in enumerate(class_names):
+    lines.append(f"{name:<16}{scores['dice'][c]:>8.4f}{scores['jaccard'][c]:>8.4f}")
+  lines.append(f"{'mean':<16}{scores['mean_dice']:>8.4f}{scores['mean_jaccard']:>8.4f}")
+  lines.append(f"pixel accuracy {scores['pixel_accuracy']:.4f}")
+  return "\n".join(lines)
+
+
+def _write_visuals(trainer: Trainer, writer, visuals: dict, step: int) -> None:
+  if visuals is None or jax.process_index() != 0:
+    return
+  config = trainer.config
+  keep = visuals["valid"]
+  grid = visualize.panels(
+      transforms.denormalize_image(visuals["image"][keep]), visuals["mask"][keep],
+      visuals["prediction"][keep], config.dataset.num_classes,
+      ignore_label=config.dataset.ignore_label, scale=max(1, 256 // config.dataset.image_size))
+  out_dir = os.path.join(trainer.workdir, "visuals")
+  os.makedirs(out_dir, exist_ok=True)
+  visualize.write_png(os.path.join(out_dir, f"eval_step_{step:06d}.png"), grid)
+  writer.write_images(step, {"eval/image_truth_prediction": grid[None]})
+
+
+def _check_finite(history: list[tuple[int, dict]], trainer: Trainer) -> None:
+  """Raises NonFiniteError naming the first step and quantity that went non-finite."""
+  for step, values in history:
+    for name in ("loss", "grad_norm"):
+      if not math.isfinite(values[name]):
+        last = trainer.checkpoints.latest_step()
+        where = (f"last good checkpoint: step {last} in {trainer.checkpoints.directory}"
+                 if last is not None else "no checkpoint was written")
+        raise NonFiniteError(f"non-finite {name} ({values[name]}) at step {step}; training "
+                             f"stopped without saving; {where}")
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from WORKDIR/checkpoints if present) and evaluates; returns final eval scalars."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  trainer = Trainer(config, workdir)
+  writer = writers.create_writer(workdir)
+  state = trainer.initial_state()
+  start_step = int(jax.device_get(state.step))
+  total_steps = config.num_train_steps
+  final_scalars: dict[str, float] = {}
+  if start_step >= total_steps:
+    logging.info("Already trained to step %d (num_train_steps=%d); evaluating only.",
+                 start_step, total_steps)
+
+  train_iter = pipeline.train_batches(config, trainer.builder, start_step=start_step)
+  history: list[tuple[int, dict]] = []   # (step, device metrics) since the last log
+  interval_start, interval_steps = time.perf_counter(), 0
+  compiled = None
+  for step in range(start_step + 1, total_steps + 1):
+    batch = parallel.host_batch_to_global(next(train_iter), trainer.mesh)
+    if compiled is None:
+      t0 = time.perf_counter()
+      compiled = trainer.train_step.lower(state, batch).compile()
+      compile_s = time.perf_counter() - t0
+      logging.info("Compiled the train step in %.1f s", compile_s)
+      writer.write_scalars(step, {"compile_seconds": compile_s})
+      interval_start = time.perf_counter()
+    state, step_metrics = compiled(state, batch)
+    history.append((step, step_metrics))
+    interval_steps += 1
+
+    is_last = step == total_steps
+    if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or is_last:
+      host_history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
+      _check_finite(host_history, trainer)
+      elapsed = time.perf_counter() - interval_start
+      steps_per_s = interval_steps / max(elapsed, 1e-9)
+      means = {f"train/{k}": float(np.mean([m[k] for _, m in host_history]))
+               for k in host_history[0][1]}
+      means["train/learning_rate"] = host_history[-1][1]["learning_rate"]
+      means["train/steps_per_sec"] = steps_per_s
+      means["train/img_per_sec"] = steps_per_s * config.batch_size
+      writer.write_scalars(step, means)
+      eta = (total_steps - step) / max(steps_per_s, 1e-9)
+      parts = " ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in means.items()
+                       if k.startswith("train/loss_"))
+      logging.info("step %d/%d | loss %.4f (%s) | lr %.2e | %.2f steps/s, %.1f img/s | ETA %s",
+                   step, total_steps, means["train/loss"], parts, means["train/learning_rate"],
+                   steps_per_s, means["train/img_per_sec"], _format_seconds(eta))
+      history, interval_steps, interval_start = [], 0, time.perf_counter()
+
+    if step % config.checkpoint_every_steps == 0 or is_last:
+      trainer.checkpoints.save(step, args=ocp.args.StandardSave(state))
+
+    if step % config.eval_every_steps == 0 or is_last:
+      t0 = time.perf_counter()
+      scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
+      final_scalars = eval_scalars(scores, trainer.class_names)
+      writer.write_scalars(step, final_scalars)
+      _write_visuals(trainer, writer, visuals, step)
+      logging.info("eval at step %d (%.1f s): dice %.4f | miou %.4f | pixel acc %.4f\n%s", step,
+                   time.perf_counter() - t0, scores["mean_dice"], scores["mean_jaccard"],
+                   scores["pixel_accuracy"], format_scores_table(scores, trainer.class_names))
+      interval_start = time.perf_counter()  # keep eval time out of steps/s
+
+  if start_step >= total_steps:
+    scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
+    final_scalars = eval_scalars(scores, trainer.class_names)
+    logging.info("eval at step %d:\n%s", start_step, format_scores_table(scores, trainer.class_names))
+  trainer.checkpoints.wait_until_finished()
+  trainer.checkpoints.close()
+  writer.flush()
+  writer.close()
+  return final_scalars
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """--mode=eval: restores the latest checkpoint and prints the per-class table."""
+  trainer = Trainer(config, workdir)
+  if trainer.checkpoints.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {trainer.checkpoints.directory}; train first")
+  state = trainer.initial_state()
+  scores, _ = trainer.evaluate(state, config.dataset.eval_split)
+  print(f"{config.dataset.name}/{config.dataset.eval_split} at step "
+        f"{int(jax.device_get(state.step))}:\n{format_scores_table(scores, trainer.class_names)}")
+  trainer.checkpoints.close()
+  return eval_scalars(scores, trainer.class_names)
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 60}m{seconds % 60:02d}s"
