@@ -22,9 +22,12 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   config.model.name = "unet"
   config.model.width = 16             # channels of the first level; doubles per level
-  config.model.depth = 3              # number of 2x downsamplings
+  config.model.depth = 4              # number of 2x downsamplings (64 px -> 4 px)
   config.model.norm = "batch"         # batch | group | none
   config.model.upsample = "transpose" # learned 2x2 stride-2 (transpose) | resize (bilinear + conv)
+
+  config.dataset.augment.min_scale = 0.85  # mild: validation images are not rescaled
+  config.dataset.augment.max_scale = 1.15
 
   config.loss.name = "ce+dice"
 
@@ -34,11 +37,13 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.optimizer.schedule = "warmup_cosine"
   config.optimizer.warmup_steps = 100
 
-  config.batch_size = 16
-  config.num_train_steps = 2500
+  # Batch 8 reached a given Dice with fewer images than batch 16 (0.897 after
+  # 12.8k images vs 0.849 after 12k) at the same images/s on 2 cores.
+  config.batch_size = 8
+  config.num_train_steps = 2400
   config.log_every_steps = 100
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 500
+  config.eval_every_steps = 800
+  config.checkpoint_every_steps = 800
 
   if preset == "large":
     config.dataset.image_size = 128

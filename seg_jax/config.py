@@ -14,11 +14,10 @@ from typing import Any, Iterable
 import ml_collections
 from ml_collections import config_dict
 
-DATASETS = ("shapes",)
-MODELS = ("unet",)
+from seg_jax.losses import LOSS_TERMS
+
 NORMS = ("batch", "group", "none")
 UPSAMPLINGS = ("transpose", "resize")
-LOSS_TERMS = ("ce", "bce", "dice", "focal")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine", "polynomial")
 DTYPES = ("float32", "bfloat16")
@@ -134,8 +133,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
       _fail(key, value, "must be a number " + (">= 0" if allow_zero else "> 0"))
 
-  choice("dataset.name", DATASETS)
-  choice("model.name", MODELS)
+  from seg_jax.data import pipeline    # the registries; imported here to avoid a cycle
+  from seg_jax.models import registry
+  choice("dataset.name", tuple(pipeline.DATASETS))
+  choice("model.name", tuple(registry.MODELS))
   choice("model.norm", NORMS)
   choice("model.upsample", UPSAMPLINGS)
   choice("optimizer.name", OPTIMIZERS)

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seg_jax import losses
+
 
 def confusion_matrix(predictions, labels, *, num_classes, ignore_label=255,
                      valid=None):
@@ -64,14 +66,8 @@ def confusion_matrix(predictions, labels, *, num_classes, ignore_label=255,
     raise ValueError(f'predictions {predictions.shape} and labels '
                      f'{labels.shape} must have the same shape [B,H,W]')
   k = int(num_classes)
-  counted = ((labels != ignore_label) & (labels >= 0) & (labels < k)
+  counted = (losses.counted_pixels(labels, k, ignore_label, valid)
              & (predictions >= 0) & (predictions < k))
-  if valid is not None:
-    valid = jnp.asarray(valid, bool)
-    if valid.shape != labels.shape[:1]:
-      raise ValueError(
-          f'valid must have shape [B]={labels.shape[:1]}, got {valid.shape}')
-    counted = counted & valid.reshape(valid.shape + (1,) * (labels.ndim - 1))
   # A weighted bincount of the flat cell index. One-hot matmul
   # (one_hot(labels).T @ one_hot(pred)) was much slower on CPU and, in float32,
   # is only exact up to 2**24 pixels per cell. jit, [8,128,128], 10% ignored,

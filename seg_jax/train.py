@@ -178,8 +178,7 @@ class Trainer:
     self.mesh = parallel.make_mesh()
     self.model = registry.build_model(config)
     self.tx, self.schedule = make_optimizer(config)
-    self.builder = pipeline.get_builder(config)
-    self.class_names = pipeline.class_names(config)
+    self.builder, self.class_names = pipeline.prepare_dataset(config)
     replicated = parallel.replicated(self.mesh)
     data = parallel.batch_sharding(self.mesh)
     self.train_step = jax.jit(
@@ -195,12 +194,14 @@ class Trainer:
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
 
   def initial_state(self) -> TrainState:
-    state = create_train_state(self.config, self.model, self.tx, self.mesh)
+    """The newest checkpoint's state if there is one, else freshly initialised parameters."""
+    create = lambda: create_train_state(self.config, self.model, self.tx, self.mesh)
     latest = self.checkpoints.latest_step()
     if latest is None:
-      return state
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
+      return create()
+    replicated = parallel.replicated(self.mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            jax.eval_shape(create))
     logging.info("Resuming from checkpoint at step %d in %s", latest, self.checkpoints.directory)
     return self.checkpoints.restore(latest, args=ocp.args.StandardRestore(abstract))
 
@@ -341,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("eval at step %d (%.1f s): dice %.4f | miou %.4f | pixel acc %.4f\n%s", step,
                    time.perf_counter() - t0, scores["mean_dice"], scores["mean_jaccard"],
                    scores["pixel_accuracy"], format_scores_table(scores, trainer.class_names))
-      interval_start = time.perf_counter()  # keep eval time out of steps/s
+      interval_start += time.perf_counter() - t0  # keep eval time out of steps/s
 
   if start_step >= total_steps:
     scores, visuals = trainer.evaluate(state, config.dataset.eval_split)

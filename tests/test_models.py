@@ -82,3 +82,11 @@ def test_registry_binary_model_has_one_logit(tmp_path):
   model = registry.build_model(config)
   y = model.init_with_output(init_key(0), jnp.ones((1, 32, 32, 3)), train=False)[0]
   assert y.shape == (1, 32, 32, 1)
+
+
+def test_max_pool_2x2_equals_flax_max_pool():
+  x = jax.random.normal(jax.random.key(3), (2, 8, 6, 5))  # continuous values: no ties
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  g1 = jax.grad(lambda x: jnp.sum(jnp.sin(layers.max_pool_2x2(x))))(x)
+  g2 = jax.grad(lambda x: jnp.sum(jnp.sin(nn.max_pool(x, (2, 2), strides=(2, 2)))))(x)
+  np.testing.assert_allclose(g1, g2, rtol=1e-6)

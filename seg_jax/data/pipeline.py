@@ -31,29 +31,48 @@ from seg_jax.data import transforms
 tf.config.set_visible_devices([], "GPU")
 
 
+def _input_options() -> tf.data.Options:
+  """tf.data threading that leaves the cores to the jitted step.
+
+  On small CPU machines tf.data's default pool (one thread per core) competes
+  with XLA for every core; a pool of a quarter of the cores (at least one)
+  still keeps the prefetch buffer full (benchmarks/input_pipeline.py).
+  """
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = max(1, (os.cpu_count() or 1) // 4)
+  options.threading.max_intra_op_parallelism = 1
+  options.deterministic = True
+  return options
+
+
 class DataError(ValueError):
   """The data breaks the data contract (e.g. a label outside [0, num_classes))."""
 
 
+def _shapes(config: ml_collections.ConfigDict, data_dir: str | None):
+  from seg_jax.data.builders import shapes
+  d = config.dataset
+  builder = shapes.shapes_builder(
+      data_dir=data_dir, image_size=d.image_size, num_train=d.num_train,
+      num_validation=d.num_validation, num_test=d.num_test, seed=config.seed)
+  return shapes.prepare(builder), list(shapes.CLASS_NAMES)
+
+
+# dataset.name -> (config, data_dir) -> (prepared TFDS builder, class names)
+DATASETS = {"shapes": _shapes}
+
+
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The dataset's TFDS builder, prepared (generated or read from cache)."""
-  d = config.dataset
-  data_dir = os.path.expanduser(d.data_dir) if d.data_dir else None
-  if d.name == "shapes":
-    from seg_jax.data.builders import shapes
-    builder = shapes.shapes_builder(
-        data_dir=data_dir, image_size=d.image_size, num_train=d.num_train,
-        num_validation=d.num_validation, num_test=d.num_test, seed=config.seed)
-    shapes.prepare(builder)
-    return builder
-  raise ValueError(f"unknown dataset {d.name!r}")
+  return prepare_dataset(config)[0]
 
 
-def class_names(config: ml_collections.ConfigDict) -> list[str]:
-  if config.dataset.name == "shapes":
-    from seg_jax.data.builders import shapes
-    return list(shapes.CLASS_NAMES)
-  return [f"class_{i}" for i in range(config.dataset.num_classes)]
+def prepare_dataset(config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder, list[str]]:
+  """(prepared TFDS builder, class names) of `config.dataset`."""
+  if config.dataset.name not in DATASETS:
+    raise ValueError(f"unknown dataset {config.dataset.name!r}; allowed: {', '.join(DATASETS)}")
+  data_dir = os.path.expanduser(config.dataset.data_dir) if config.dataset.data_dir else None
+  return DATASETS[config.dataset.name](config, data_dir)
 
 
 def _decode(example):
@@ -91,13 +110,13 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   ds = ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
   if d.cache:
     ds = ds.cache()
-  process_seed = [config.seed, jax.process_index()]
-  ds = ds.repeat().shuffle(d.shuffle_buffer or 1, seed=hash(tuple(process_seed)) % 2**31,
-                           reshuffle_each_iteration=True)
+  # Each process shuffles its own shard; seeds differ per process, not per restart.
+  process_seed = config.seed * 1_000_003 + jax.process_index()
+  ds = ds.repeat().shuffle(d.shuffle_buffer or 1, seed=process_seed, reshuffle_each_iteration=True)
   ds = ds.enumerate().skip(start_step * host_batch)  # resume: same stream, later position
 
   def augment(index, example):
-    seed = tf.stack([tf.cast(config.seed, tf.int64) * 1_000_003 + jax.process_index(), index])
+    seed = tf.stack([tf.constant(process_seed, tf.int64), index])
     image, mask = transforms.train_augment(
         example["image"], example["mask"], seed, aug=d.augment, size=d.image_size,
         ignore_label=d.ignore_label)
@@ -105,7 +124,7 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _host_batches(ds, config)
+  return _host_batches(ds.with_options(_input_options()), config)
 
 
 def num_eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,

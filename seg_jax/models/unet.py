@@ -52,7 +52,7 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = block(self.width * 2 ** level)(x, train=train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = layers.max_pool_2x2(x)
     x = block(self.width * 2 ** self.depth)(x, train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for level in reversed(range(self.depth)):

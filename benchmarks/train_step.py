@@ -1,0 +1,75 @@
+"""Times the jitted train step on synthetic data; prints one JSON line.
+
+  python benchmarks/train_step.py --config=configs/unet.py [--config.key=value ...] [--steps=20]
+
+Reports the median step time after warm-up, images/s, compile time, XLA's
+FLOP count for the step and the achieved GFLOP/s.
+"""
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from seg_jax import config as config_lib
+from seg_jax import parallel
+from seg_jax import train
+from seg_jax.models import registry
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/unet.py", "Experiment config.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after 3 warm-up steps.")
+
+
+def main(_):
+  config = _CONFIG.value
+  config_lib.validate(config)
+  mesh = parallel.make_mesh()
+  model = registry.build_model(config)
+  tx, schedule = train.make_optimizer(config)
+  state = train.create_train_state(config, model, tx, mesh)
+  size, b = config.dataset.image_size, config.batch_size
+  rng = np.random.default_rng(0)
+  batch = parallel.host_batch_to_global({
+      "image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
+      "mask": rng.integers(0, config.dataset.num_classes, (b, size, size)).astype(np.int32)}, mesh)
+  step = jax.jit(lambda s, x: train.train_step(s, x, model=model, tx=tx, schedule=schedule,
+                                               config=config), donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan")))
+  times = []
+  for i in range(3 + _STEPS.value):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    if i >= 3:
+      times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times))
+  print(json.dumps({
+      "benchmark": "train_step", "model": config.model.name, "batch_size": b, "image_size": size,
+      "width": config.model.width, "depth": config.model.depth, "dtype": config.dtype,
+      "step_ms": round(step_s * 1e3, 2), "img_per_s": round(b / step_s, 1),
+      "compile_s": round(compile_s, 2), "gflops_per_step": round(flops / 1e9, 2),
+      "achieved_gflops": round(flops / 1e9 / step_s, 1),
+      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+      "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+      "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "python": platform.python_version()}))
+
+
+if __name__ == "__main__":
+  app.run(main)
