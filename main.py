@@ -13,12 +13,9 @@ import sys
 # Keep TensorFlow (used only for input pipelines) off the accelerators and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_GCE_CHECK", "true")
-# XLA:CPU's YNNPACK fusions for dots, elementwise ops and reductions: 1.8x faster
-# U-Net train steps on CPU (benchmarks/train_step.py; same gradients to 1e-6).
-# Only read by the CPU backend; set SEG_JAX_PLAIN_XLA=1 to leave XLA_FLAGS alone.
-_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
-if not os.environ.get("SEG_JAX_PLAIN_XLA") and "ynn_fusion" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}".strip()
+from seg_jax import xla_flags  # before jax is imported
+
+xla_flags.set_default_xla_flags()
 
 from absl import app
 from absl import flags

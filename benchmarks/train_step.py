@@ -14,6 +14,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from seg_jax import xla_flags  # before jax is imported; SEG_JAX_PLAIN_XLA=1 for plain XLA
+
+xla_flags.set_default_xla_flags()
 
 from absl import app
 from absl import flags
