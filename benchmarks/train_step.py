@@ -21,7 +21,6 @@ xla_flags.set_default_xla_flags()
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 

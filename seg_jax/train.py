@@ -293,65 +293,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Already trained to step %d (num_train_steps=%d); evaluating only.",
                  start_step, total_steps)
 
-  train_iter = pipeline.train_batches(config, trainer.builder, start_step=start_step)
-  history: list[tuple[int, dict]] = []   # (step, device metrics) since the last log
-  interval_start, interval_steps = time.perf_counter(), 0
-  compiled = None
-  for step in range(start_step + 1, total_steps + 1):
-    batch = parallel.host_batch_to_global(next(train_iter), trainer.mesh)
-    if compiled is None:
-      t0 = time.perf_counter()
-      compiled = trainer.train_step.lower(state, batch).compile()
-      compile_s = time.perf_counter() - t0
-      logging.info("Compiled the train step in %.1f s", compile_s)
-      writer.write_scalars(step, {"compile_seconds": compile_s})
-      interval_start = time.perf_counter()
-    state, step_metrics = compiled(state, batch)
-    history.append((step, step_metrics))
-    interval_steps += 1
+  try:
+    train_iter = pipeline.train_batches(config, trainer.builder, start_step=start_step)
+    history: list[tuple[int, dict]] = []   # (step, device metrics) since the last log
+    interval_start, interval_steps = time.perf_counter(), 0
+    compiled = None
+    for step in range(start_step + 1, total_steps + 1):
+      batch = parallel.host_batch_to_global(next(train_iter), trainer.mesh)
+      if compiled is None:
+        t0 = time.perf_counter()
+        compiled = trainer.train_step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        logging.info("Compiled the train step in %.1f s", compile_s)
+        writer.write_scalars(step, {"compile_seconds": compile_s})
+        interval_start = time.perf_counter()
+      state, step_metrics = compiled(state, batch)
+      history.append((step, step_metrics))
+      interval_steps += 1
 
-    is_last = step == total_steps
-    if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or is_last:
-      host_history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
-      _check_finite(host_history, trainer)
-      elapsed = time.perf_counter() - interval_start
-      steps_per_s = interval_steps / max(elapsed, 1e-9)
-      means = {f"train/{k}": float(np.mean([m[k] for _, m in host_history]))
-               for k in host_history[0][1]}
-      means["train/learning_rate"] = host_history[-1][1]["learning_rate"]
-      means["train/steps_per_sec"] = steps_per_s
-      means["train/img_per_sec"] = steps_per_s * config.batch_size
-      writer.write_scalars(step, means)
-      eta = (total_steps - step) / max(steps_per_s, 1e-9)
-      parts = " ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in means.items()
-                       if k.startswith("train/loss_"))
-      logging.info("step %d/%d | loss %.4f (%s) | lr %.2e | %.2f steps/s, %.1f img/s | ETA %s",
-                   step, total_steps, means["train/loss"], parts, means["train/learning_rate"],
-                   steps_per_s, means["train/img_per_sec"], _format_seconds(eta))
-      history, interval_steps, interval_start = [], 0, time.perf_counter()
+      is_last = step == total_steps
+      if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or is_last:
+        host_history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
+        _check_finite(host_history, trainer)
+        elapsed = time.perf_counter() - interval_start
+        steps_per_s = interval_steps / max(elapsed, 1e-9)
+        means = {f"train/{k}": float(np.mean([m[k] for _, m in host_history]))
+                 for k in host_history[0][1]}
+        means["train/learning_rate"] = host_history[-1][1]["learning_rate"]
+        means["train/steps_per_sec"] = steps_per_s
+        means["train/img_per_sec"] = steps_per_s * config.batch_size
+        writer.write_scalars(step, means)
+        eta = (total_steps - step) / max(steps_per_s, 1e-9)
+        parts = " ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in means.items()
+                         if k.startswith("train/loss_"))
+        logging.info("step %d/%d | loss %.4f (%s) | lr %.2e | %.2f steps/s, %.1f img/s | ETA %s",
+                     step, total_steps, means["train/loss"], parts, means["train/learning_rate"],
+                     steps_per_s, means["train/img_per_sec"], _format_seconds(eta))
+        history, interval_steps, interval_start = [], 0, time.perf_counter()
 
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      trainer.checkpoints.save(step, args=ocp.args.StandardSave(state))
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        trainer.checkpoints.save(step, args=ocp.args.StandardSave(state))
 
-    if step % config.eval_every_steps == 0 or is_last:
-      t0 = time.perf_counter()
+      if step % config.eval_every_steps == 0 or is_last:
+        t0 = time.perf_counter()
+        scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
+        final_scalars = eval_scalars(scores, trainer.class_names)
+        writer.write_scalars(step, final_scalars)
+        _write_visuals(trainer, writer, visuals, step)
+        logging.info("eval at step %d (%.1f s): dice %.4f | miou %.4f | pixel acc %.4f\n%s", step,
+                     time.perf_counter() - t0, scores["mean_dice"], scores["mean_jaccard"],
+                     scores["pixel_accuracy"], format_scores_table(scores, trainer.class_names))
+        interval_start += time.perf_counter() - t0  # keep eval time out of steps/s
+
+    if start_step >= total_steps:
       scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
       final_scalars = eval_scalars(scores, trainer.class_names)
-      writer.write_scalars(step, final_scalars)
-      _write_visuals(trainer, writer, visuals, step)
-      logging.info("eval at step %d (%.1f s): dice %.4f | miou %.4f | pixel acc %.4f\n%s", step,
-                   time.perf_counter() - t0, scores["mean_dice"], scores["mean_jaccard"],
-                   scores["pixel_accuracy"], format_scores_table(scores, trainer.class_names))
-      interval_start += time.perf_counter() - t0  # keep eval time out of steps/s
-
-  if start_step >= total_steps:
-    scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
-    final_scalars = eval_scalars(scores, trainer.class_names)
-    logging.info("eval at step %d:\n%s", start_step, format_scores_table(scores, trainer.class_names))
-  trainer.checkpoints.wait_until_finished()
-  trainer.checkpoints.close()
-  writer.flush()
-  writer.close()
+      logging.info("eval at step %d:\n%s", start_step, format_scores_table(scores, trainer.class_names))
+  finally:
+    # Also on errors (a non-finite loss, bad data): let a save in flight commit, so
+    # the last good checkpoint is complete on disk.
+    trainer.checkpoints.wait_until_finished()
+    trainer.checkpoints.close()
+    writer.flush()
+    writer.close()
   return final_scalars
 
 
