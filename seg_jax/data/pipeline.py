@@ -94,7 +94,7 @@ def _check_labels(batch: dict[str, np.ndarray], num_classes: int, ignore_label: 
 
 
 def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict) -> Iterator[dict]:
-  for batch in tfds.as_numpy(ds):
+  for batch in tfds.as_numpy(ds.with_options(_input_options())):
     _check_labels(batch, config.dataset.num_classes, config.dataset.ignore_label)
     batch.pop("id")
     yield batch
@@ -124,7 +124,7 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _host_batches(ds.with_options(_input_options()), config)
+  return _host_batches(ds, config)
 
 
 def num_eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
