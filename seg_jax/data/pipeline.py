@@ -26,6 +26,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from seg_jax.data import transforms
+from seg_jax.data.errors import DataError
 
 # TF must never take the accelerators away from JAX.
 tf.config.set_visible_devices([], "GPU")
@@ -43,10 +44,6 @@ def _input_options() -> tf.data.Options:
   options.threading.max_intra_op_parallelism = 1
   options.deterministic = True
   return options
-
-
-class DataError(ValueError):
-  """The data breaks the data contract (e.g. a label outside [0, num_classes))."""
 
 
 def _shapes(config: ml_collections.ConfigDict, data_dir: str | None):

@@ -1,0 +1,167 @@
+"""Reading users' image and label files, with errors that name the file.
+
+Host-side only. Used by the folder dataset builder and by `--mode=predict`.
+
+- `read_image(path)` -> uint8 or uint16 array [H, W, C] (C = 1 grey, 3 RGB, or
+  more TIFF bands). PNG/JPEG/BMP go through PIL, except 16-bit colour PNGs,
+  which PIL reduces to 8 bits and TensorFlow decodes exactly; TIFF goes
+  through tifffile (8/16-bit, any number of bands, compressed). An alpha
+  channel is dropped and palette images are expanded to RGB.
+- `read_label(path)` -> int32 array [H, W] of class ids: a single-channel
+  PNG/TIFF (8 or 16 bit) holds the ids; a palette PNG holds them as palette
+  indices (its colours are ignored). An RGB label image is refused: colours
+  are not class ids.
+- `to_unit_range(image)` scales 8/16-bit values to [0, 1].
+
+Every failure raises `ImageError` naming the file: empty file, truncated or
+undecodable data, a non-image with an image extension, a header announcing
+more than `max_pixels` pixels (a decompression bomb), or an unusable mode.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from seg_jax.data.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# 4 x PIL's default bomb limit: a 16000x16000 satellite tile still opens.
+DEFAULT_MAX_PIXELS = 4 * 89_478_485
+
+
+class ImageError(DataError):
+  """An image or label file cannot be used; the message names the file."""
+
+
+def _fail(path: str, why: str):
+  raise ImageError(f"{path}: {why}")
+
+
+def _is_tiff(path: str) -> bool:
+  return os.path.splitext(path)[1].lower() in (".tif", ".tiff")
+
+
+def _check_file(path: str) -> None:
+  if not os.path.isfile(path):
+    _fail(path, "no such file")
+  if os.path.getsize(path) == 0:
+    _fail(path, "empty file (0 bytes)")
+
+
+def _check_pixels(path: str, height: int, width: int, max_pixels: int) -> None:
+  if height * width > max_pixels:
+    _fail(path, f"{width}x{height} = {height * width} pixels exceeds the limit of {max_pixels} "
+                "(a decompression bomb or a tile too large to read whole)")
+
+
+def _read_tiff(path: str, max_pixels: int) -> np.ndarray:
+  import tifffile
+  try:
+    with tifffile.TiffFile(path) as tif:
+      page = tif.pages[0]
+      shape = page.shape
+      # Planar (bands-first) pages: the two largest axes are the image.
+      if len(shape) == 3 and page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+        _check_pixels(path, shape[1], shape[2], max_pixels)
+        array = np.moveaxis(page.asarray(), 0, -1)
+      else:
+        _check_pixels(path, shape[0], shape[1], max_pixels)
+        array = page.asarray()
+  except ImageError:
+    raise
+  except Exception as e:  # tifffile raises many types for damaged files
+    _fail(path, f"not a readable TIFF ({type(e).__name__}: {e})")
+  return array
+
+
+def _png_header(path: str) -> tuple[int, int] | None:
+  """(bit depth, colour type) from a PNG's IHDR chunk, or None if not a PNG."""
+  with open(path, "rb") as f:
+    head = f.read(26)
+  if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n":
+    return None
+  return head[24], head[25]
+
+
+def _open_pil(path: str, max_pixels: int) -> Image.Image:
+  try:
+    # Our limit replaces PIL's (checked on the header, before any decoding).
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+      image = Image.open(path)
+    finally:
+      Image.MAX_IMAGE_PIXELS = pil_limit
+    _check_pixels(path, image.height, image.width, max_pixels)
+    image.load()
+  except ImageError:
+    raise
+  except Image.UnidentifiedImageError:
+    _fail(path, "not an image file (unrecognised format)")
+  except (OSError, SyntaxError, ValueError) as e:
+    _fail(path, f"truncated or corrupt image ({e})")
+  return image
+
+
+def _as_channels_last(array: np.ndarray) -> np.ndarray:
+  return array[..., None] if array.ndim == 2 else array
+
+
+def _check_dtype(path: str, array: np.ndarray) -> np.ndarray:
+  if array.dtype == np.uint8 or array.dtype == np.uint16:
+    return array
+  if np.issubdtype(array.dtype, np.integer) and array.size and 0 <= array.min() and array.max() <= 65535:
+    return array.astype(np.uint16)
+  _fail(path, f"pixel type {array.dtype} is not supported (use 8- or 16-bit unsigned images)")
+
+
+def read_image(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """The image as uint8/uint16 [H, W, C]; alpha dropped, palettes expanded."""
+  _check_file(path)
+  if _is_tiff(path):
+    array = _as_channels_last(_read_tiff(path, max_pixels))
+    if array.ndim != 3:
+      _fail(path, f"expected a 2-D image with optional bands, got shape {array.shape}")
+    if array.shape[-1] in (2, 4):  # grey+alpha, RGBA
+      array = array[..., :-1]
+    return _check_dtype(path, array)
+
+  header = _png_header(path)
+  image = _open_pil(path, max_pixels)
+  if header is not None and header[0] == 16 and header[1] in (2, 6):
+    # 16-bit colour: PIL keeps only 8 bits of each channel.
+    import tensorflow as tf
+    array = tf.io.decode_png(open(path, "rb").read(), channels=3, dtype=tf.uint16).numpy()
+    return array
+  if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBA", "RGBX", "1"):
+    image = image.convert("RGB")
+  elif image.mode == "LA":
+    image = image.convert("L")
+  return _check_dtype(path, _as_channels_last(np.asarray(image)))
+
+
+def read_label(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+  """Class ids as int32 [H, W] from a single-channel or palette label image."""
+  _check_file(path)
+  if _is_tiff(path):
+    array = _read_tiff(path, max_pixels)
+  else:
+    image = _open_pil(path, max_pixels)
+    if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+      _fail(path, f"label images must be single-channel class ids or a palette PNG, got mode "
+                  f"{image.mode} (colours are not class ids)")
+    array = np.asarray(image)  # palette images give their indices
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim != 2:
+    _fail(path, f"label images must be single-channel class ids, got shape {array.shape}")
+  if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+    _fail(path, f"label pixel type {array.dtype} is not an integer class id")
+  return array.astype(np.int32)
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+  """uint8/uint16 -> float32 in [0, 1] (by the type's range, not the image's)."""
+  return image.astype(np.float32) / float(np.iinfo(image.dtype).max)
