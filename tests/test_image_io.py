@@ -1,7 +1,6 @@
 """Reading users' files: every format the folder dataset and predict accept, and every bad file."""
 
 import io
-import os
 import struct
 import zlib
 
