@@ -2,6 +2,9 @@
 
   python main.py --config=configs/unet.py --workdir=runs/unet [--config.key=value ...] [--mode=train|eval]
 
+Multi-host: the same command on every host, plus --distributed (or
+--coordinator_address/--num_processes/--process_id); see README "Running long jobs".
+
 User errors (unknown config key, bad value, bad data, NaN loss) end with a
 one-line message on stderr and a non-zero exit code, not a traceback.
 """
@@ -29,6 +32,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes automatically) or eval.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Multi-host run: call jax.distributed.initialize(). On TPU pods, SLURM, Open MPI and "
+    "Kubernetes JAX finds the coordinator and process ids itself; elsewhere give the three "
+    "flags below (or JAX_COORDINATOR_ADDRESS in the environment).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (implies --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -56,6 +68,11 @@ def main(argv):
     _fail(str(e))
   except OSError as e:  # ml_collections: the config file could not be loaded
     _fail(" ".join(str(e).split()))
+  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None:
+    # CPU processes need a collectives backend to form one cluster (GPUs/TPUs have their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -67,10 +84,13 @@ def main(argv):
   from seg_jax.data import pipeline
   try:
     if _MODE.value == "train":
-      train.train_and_evaluate(config, _WORKDIR.value)
+      scalars = train.train_and_evaluate(config, _WORKDIR.value)
+      if "preempted_at_step" in scalars:
+        print(f"stopped after step {int(scalars['preempted_at_step'])} on request; checkpoint "
+              "saved; run the same command again to resume", file=sys.stderr)
     else:
       train.evaluate(config, _WORKDIR.value)
-  except (pipeline.DataError, train.NonFiniteError, FileNotFoundError) as e:
+  except (pipeline.DataError, train.NonFiniteError, train.WorkdirError, FileNotFoundError) as e:
     _fail(str(e), code=1)
 
 

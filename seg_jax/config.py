@@ -21,7 +21,7 @@ UPSAMPLINGS = ("transpose", "resize")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine", "polynomial")
 DTYPES = ("float32", "bfloat16")
-ON_NONFINITE = ("stop",)
+ON_NONFINITE = ("stop", "skip")
 
 
 class ConfigError(ValueError):
@@ -40,7 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3            # newest checkpoints kept in WORKDIR/checkpoints
   c.num_eval_visuals = 6            # examples drawn into PNG panels at each eval
   c.dtype = "float32"               # compute dtype; parameters stay float32
-  c.on_nonfinite = "stop"           # a NaN/Inf loss stops training, naming the step
+  # A NaN/Inf loss, gradient norm or parameter norm: "stop" ends training naming the
+  # step and quantity (nothing is saved); "skip" drops that step's update and counts it.
+  c.on_nonfinite = "stop"
+  c.max_consecutive_skips = 10      # skip: more non-finite steps in a row than this stops
+  c.check_finite_every_steps = 0    # 0 = at every log step; 1 = every step (a host sync each)
   # Persistent XLA compilation cache ('' = off); speeds up a second start.
   c.compilation_cache_dir = "~/.cache/seg_jax/jax_cache"
 
@@ -147,7 +151,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "checkpoint_every_steps", "keep_checkpoints", "model.width", "model.depth",
               "dataset.num_classes", "dataset.image_size", "optimizer.learning_rate"):
     positive(key)
-  for key in ("num_eval_visuals", "optimizer.weight_decay", "optimizer.warmup_steps",
+  for key in ("num_eval_visuals", "check_finite_every_steps", "max_consecutive_skips",
+              "optimizer.weight_decay", "optimizer.warmup_steps",
               "optimizer.grad_clip_norm", "model.dropout", "loss.dice_smooth",
               "loss.focal_gamma", "dataset.num_train", "dataset.num_validation",
               "dataset.num_test", "dataset.shuffle_buffer"):

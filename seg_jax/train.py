@@ -28,6 +28,7 @@ from seg_jax import losses
 from seg_jax import metrics
 from seg_jax import models
 from seg_jax import parallel
+from seg_jax import preemption
 from seg_jax import visualize
 from seg_jax import writers
 from seg_jax.data import pipeline
@@ -37,6 +38,10 @@ from seg_jax.models import registry
 
 class NonFiniteError(RuntimeError):
   """Training produced a NaN/Inf; the message names the step and the quantity."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be created or written, or holds no usable checkpoint."""
 
 
 @flax.struct.dataclass
@@ -88,6 +93,10 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     core = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=_decay_mask), base)
   if o.grad_clip_norm:
     core = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), core)
+  if config.on_nonfinite == "skip":
+    # Non-finite gradients -> zero update, inner state (moments, schedule count) kept.
+    # The limit on consecutive skips is enforced on the host, with a message.
+    core = optax.apply_if_finite(core, max_consecutive_errors=np.iinfo(np.int32).max)
   return core, schedule
 
 
@@ -135,10 +144,19 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
 
   (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            batch_stats=batch_stats, opt_state=opt_state)
+  params = optax.apply_updates(state.params, updates)
   step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                  "param_norm": optax.global_norm(params),
                   "learning_rate": schedule(state.step)}
+  if isinstance(opt_state, optax.ApplyIfFiniteState):  # on_nonfinite="skip"
+    # A skipped step must not leave batch statistics of a non-finite forward pass either.
+    batch_stats = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old),
+                               batch_stats, state.batch_stats)
+    step_metrics["skipped"] = 1 - opt_state.last_finite.astype(jnp.int32)
+    step_metrics["consecutive_skips"] = opt_state.notfinite_count
+    step_metrics["total_skips"] = opt_state.total_notfinite
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
   step_metrics.update({f"loss_{name}": value for name, value in parts.items()})
   return new_state, step_metrics
 
@@ -194,16 +212,35 @@ class Trainer:
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
 
   def initial_state(self) -> TrainState:
-    """The newest checkpoint's state if there is one, else freshly initialised parameters."""
+    """The newest readable checkpoint's state if there is one, else fresh parameters.
+
+    Orbax commits a checkpoint by renaming its temporary directory, so a save
+    killed midway is never listed. A listed checkpoint that still fails to
+    load (a damaged disk, files deleted by hand) is skipped for the one
+    before it, with a warning; if none loads, nothing is overwritten and the
+    error says why.
+    """
     create = lambda: create_train_state(self.config, self.model, self.tx, self.mesh)
-    latest = self.checkpoints.latest_step()
-    if latest is None:
+    steps = sorted(self.checkpoints.all_steps(), reverse=True)
+    if not steps:
       return create()
     replicated = parallel.replicated(self.mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             jax.eval_shape(create))
-    logging.info("Resuming from checkpoint at step %d in %s", latest, self.checkpoints.directory)
-    return self.checkpoints.restore(latest, args=ocp.args.StandardRestore(abstract))
+    failures = []
+    for step in steps:
+      try:
+        state = self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as e:  # orbax/tensorstore raise many types for unreadable data
+        message = " ".join(str(e).split())[:300]
+        logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying an "
+                        "older one.", step, self.checkpoints.directory, type(e).__name__, message)
+        failures.append(f"step {step}: {type(e).__name__}: {message}")
+        continue
+      logging.info("Resuming from checkpoint at step %d in %s", step, self.checkpoints.directory)
+      return state
+    raise WorkdirError(f"no checkpoint in {self.checkpoints.directory} can be restored for this "
+                       f"config (a different model or optimiser?); newest error: {failures[0]}")
 
   def evaluate(self, state: TrainState, split: str) -> tuple[dict, dict]:
     """Dataset-level scores over every example of `split`, and arrays for the visuals."""
@@ -263,14 +300,32 @@ def _write_visuals(trainer: Trainer, writer, visuals: dict, step: int) -> None:
   writer.write_images(step, {"eval/image_truth_prediction": grid[None]})
 
 
+FINITE_CHECKED = ("loss", "grad_norm", "param_norm")  # in the order a NaN spreads
+
+
 def _check_finite(history: list[tuple[int, dict]], trainer: Trainer) -> None:
-  """Raises NonFiniteError naming the first step and quantity that went non-finite."""
+  """Raises NonFiniteError naming the first step and quantity that went non-finite.
+
+  With on_nonfinite="skip", non-finite loss and gradients were skipped on
+  device; only too many consecutive skips, or non-finite parameters, stop.
+  """
+  config = trainer.config
+  last = trainer.checkpoints.latest_step()
+  where = (f"last good checkpoint: step {last} in {trainer.checkpoints.directory}"
+           if last is not None else "no checkpoint was written")
   for step, values in history:
-    for name in ("loss", "grad_norm"):
+    if "consecutive_skips" in values:
+      if values["consecutive_skips"] > config.max_consecutive_skips:
+        raise NonFiniteError(
+            f"{int(values['consecutive_skips'])} consecutive steps with non-finite loss or "
+            f"gradients up to step {step} (max_consecutive_skips={config.max_consecutive_skips}); "
+            f"training stopped without saving; {where}")
+      if values["skipped"]:
+        logging.warning("step %d: non-finite loss (%s) or gradients; update skipped (%d skipped "
+                        "so far)", step, values["loss"], values["total_skips"])
+        continue
+    for name in FINITE_CHECKED:
       if not math.isfinite(values[name]):
-        last = trainer.checkpoints.latest_step()
-        where = (f"last good checkpoint: step {last} in {trainer.checkpoints.directory}"
-                 if last is not None else "no checkpoint was written")
         raise NonFiniteError(f"non-finite {name} ({values[name]}) at step {step}; training "
                              f"stopped without saving; {where}")
 
@@ -278,85 +333,123 @@ def _check_finite(history: list[tuple[int, dict]], trainer: Trainer) -> None:
 # ---------------------------------------------------------------------------- the loop
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from WORKDIR/checkpoints if present) and evaluates; returns final eval scalars."""
-  os.makedirs(workdir, exist_ok=True)
+  """Trains (resuming from WORKDIR/checkpoints if present) and evaluates; returns final eval scalars.
+
+  On SIGTERM/SIGINT it finishes the current step, saves a checkpoint and
+  returns early (the scalars then hold {"preempted_at_step": step}); running
+  the same command again resumes there.
+  """
+  _prepare_workdir(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   trainer = Trainer(config, workdir)
-  writer = writers.create_writer(workdir)
   state = trainer.initial_state()
   start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:
+    writers.drop_records_after(os.path.join(workdir, "metrics.jsonl"), start_step)
+  writer = writers.create_writer(workdir)
   total_steps = config.num_train_steps
   final_scalars: dict[str, float] = {}
   if start_step >= total_steps:
     logging.info("Already trained to step %d (num_train_steps=%d); evaluating only.",
                  start_step, total_steps)
+  check_every = config.check_finite_every_steps or config.log_every_steps
 
-  try:
-    train_iter = pipeline.train_batches(config, trainer.builder, start_step=start_step)
-    history: list[tuple[int, dict]] = []   # (step, device metrics) since the last log
-    interval_start, interval_steps = time.perf_counter(), 0
-    compiled = None
-    for step in range(start_step + 1, total_steps + 1):
-      batch = parallel.host_batch_to_global(next(train_iter), trainer.mesh)
-      if compiled is None:
-        t0 = time.perf_counter()
-        compiled = trainer.train_step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - t0
-        logging.info("Compiled the train step in %.1f s", compile_s)
-        writer.write_scalars(step, {"compile_seconds": compile_s})
-        interval_start = time.perf_counter()
-      state, step_metrics = compiled(state, batch)
-      history.append((step, step_metrics))
-      interval_steps += 1
+  with preemption.PreemptionWatcher(every_steps=config.log_every_steps) as watcher:
+    try:
+      train_iter = pipeline.train_batches(config, trainer.builder, start_step=start_step)
+      pending: list[tuple[int, dict]] = []   # device metrics not yet fetched and checked
+      history: list[tuple[int, dict]] = []   # checked host metrics since the last log
+      interval_start, interval_steps = time.perf_counter(), 0
+      compiled = None
+      for step in range(start_step + 1, total_steps + 1):
+        batch = parallel.host_batch_to_global(next(train_iter), trainer.mesh)
+        if compiled is None:
+          t0 = time.perf_counter()
+          compiled = trainer.train_step.lower(state, batch).compile()
+          compile_s = time.perf_counter() - t0
+          logging.info("Compiled the train step in %.1f s", compile_s)
+          writer.write_scalars(step, {"compile_seconds": compile_s})
+          interval_start = time.perf_counter()
+        state, step_metrics = compiled(state, batch)
+        pending.append((step, step_metrics))
+        interval_steps += 1
 
-      is_last = step == total_steps
-      if step % config.log_every_steps == 0 or step % config.checkpoint_every_steps == 0 or is_last:
-        host_history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in history]
-        _check_finite(host_history, trainer)
-        elapsed = time.perf_counter() - interval_start
-        steps_per_s = interval_steps / max(elapsed, 1e-9)
-        means = {f"train/{k}": float(np.mean([m[k] for _, m in host_history]))
-                 for k in host_history[0][1]}
-        means["train/learning_rate"] = host_history[-1][1]["learning_rate"]
-        means["train/steps_per_sec"] = steps_per_s
-        means["train/img_per_sec"] = steps_per_s * config.batch_size
-        writer.write_scalars(step, means)
-        eta = (total_steps - step) / max(steps_per_s, 1e-9)
-        parts = " ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in means.items()
-                         if k.startswith("train/loss_"))
-        logging.info("step %d/%d | loss %.4f (%s) | lr %.2e | %.2f steps/s, %.1f img/s | ETA %s",
-                     step, total_steps, means["train/loss"], parts, means["train/learning_rate"],
-                     steps_per_s, means["train/img_per_sec"], _format_seconds(eta))
-        history, interval_steps, interval_start = [], 0, time.perf_counter()
+        is_last = step == total_steps
+        is_log = step % config.log_every_steps == 0 or is_last
+        is_save = step % config.checkpoint_every_steps == 0 or is_last
+        stop = watcher.should_stop(step)
+        if is_log or is_save or stop or step % check_every == 0:
+          # Nothing is saved or logged before the steps since the last check are known finite.
+          fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+          _check_finite(fetched, trainer)
+          history += fetched
+          pending = []
 
-      if step % config.checkpoint_every_steps == 0 or is_last:
-        trainer.checkpoints.save(step, args=ocp.args.StandardSave(state))
+        if is_log:
+          elapsed = time.perf_counter() - interval_start
+          steps_per_s = interval_steps / max(elapsed, 1e-9)
+          means = {f"train/{k}": float(np.mean([m[k] for _, m in history]))
+                   for k in history[0][1] if k not in ("skipped", "consecutive_skips", "total_skips")}
+          means["train/learning_rate"] = history[-1][1]["learning_rate"]
+          means["train/steps_per_sec"] = steps_per_s
+          means["train/img_per_sec"] = steps_per_s * config.batch_size
+          if "total_skips" in history[-1][1]:
+            means["train/skipped_steps"] = history[-1][1]["total_skips"]
+          writer.write_scalars(step, means)
+          eta = (total_steps - step) / max(steps_per_s, 1e-9)
+          parts = " ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in means.items()
+                           if k.startswith("train/loss_"))
+          logging.info("step %d/%d | loss %.4f (%s) | lr %.2e | %.2f steps/s, %.1f img/s | ETA %s",
+                       step, total_steps, means["train/loss"], parts, means["train/learning_rate"],
+                       steps_per_s, means["train/img_per_sec"], _format_seconds(eta))
+          history, interval_steps, interval_start = [], 0, time.perf_counter()
 
-      if step % config.eval_every_steps == 0 or is_last:
-        t0 = time.perf_counter()
+        if step % config.eval_every_steps == 0 or is_last:
+          t0 = time.perf_counter()
+          scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
+          final_scalars = eval_scalars(scores, trainer.class_names)
+          writer.write_scalars(step, final_scalars)
+          _write_visuals(trainer, writer, visuals, step)
+          logging.info("eval at step %d (%.1f s): dice %.4f | miou %.4f | pixel acc %.4f\n%s", step,
+                       time.perf_counter() - t0, scores["mean_dice"], scores["mean_jaccard"],
+                       scores["pixel_accuracy"], format_scores_table(scores, trainer.class_names))
+          interval_start += time.perf_counter() - t0  # keep eval time out of steps/s
+
+        if is_save or stop:
+          trainer.checkpoints.save(step, args=ocp.args.StandardSave(state))
+        if stop:
+          trainer.checkpoints.wait_until_finished()
+          logging.warning("%s received: stopped after step %d and saved a checkpoint in %s; run the "
+                          "same command again to resume.", watcher.received or "stop request", step,
+                          trainer.checkpoints.directory)
+          return {"preempted_at_step": float(step)}
+
+      if start_step >= total_steps:
         scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
         final_scalars = eval_scalars(scores, trainer.class_names)
-        writer.write_scalars(step, final_scalars)
-        _write_visuals(trainer, writer, visuals, step)
-        logging.info("eval at step %d (%.1f s): dice %.4f | miou %.4f | pixel acc %.4f\n%s", step,
-                     time.perf_counter() - t0, scores["mean_dice"], scores["mean_jaccard"],
-                     scores["pixel_accuracy"], format_scores_table(scores, trainer.class_names))
-        interval_start += time.perf_counter() - t0  # keep eval time out of steps/s
-
-    if start_step >= total_steps:
-      scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
-      final_scalars = eval_scalars(scores, trainer.class_names)
-      logging.info("eval at step %d:\n%s", start_step, format_scores_table(scores, trainer.class_names))
-  finally:
-    # Also on errors (a non-finite loss, bad data): let a save in flight commit, so
-    # the last good checkpoint is complete on disk.
-    trainer.checkpoints.wait_until_finished()
-    trainer.checkpoints.close()
-    writer.flush()
-    writer.close()
+        logging.info("eval at step %d:\n%s", start_step, format_scores_table(scores, trainer.class_names))
+    finally:
+      # Also on errors (a non-finite loss, bad data): let a save in flight commit, so
+      # the last good checkpoint is complete on disk.
+      trainer.checkpoints.wait_until_finished()
+      trainer.checkpoints.close()
+      writer.flush()
+      writer.close()
   return final_scalars
+
+
+def _prepare_workdir(workdir: str) -> None:
+  """Creates WORKDIR and proves it writable before anything is trained."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -62,6 +62,32 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
+def drop_records_after(path: str, step: int) -> None:
+  """Removes records past `step` from a metrics.jsonl, e.g. on resuming from that step.
+
+  Steps after the last checkpoint are trained (and logged) again on resume;
+  dropping their first records keeps one record per step, as in a run that
+  was never interrupted. The file is replaced atomically.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError):  # a line cut short by a kill: drop it
+      continue
+  if len(kept) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
   """Console everywhere; TensorBoard events and metrics.jsonl on process 0 only."""
   if jax.process_index() > 0:

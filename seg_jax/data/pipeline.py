@@ -5,10 +5,12 @@ Batches follow the data contract of shared/DESIGN.md: `image` float32
 the last batch is padded, padded examples have valid=False and an all-ignore
 mask). `parallel.host_batch_to_global` turns them into global jax.Arrays.
 
-Each process reads its own shard of every split (`tfds.split_for_jax_process`).
-The training stream is a pure function of (seed, step): a seeded shuffle of
-the repeated split, skipped to the resume step, with per-example stateless
-augmentation seeds.
+The training stream is a pure function of (seed, step), whatever the number
+of processes: a seeded shuffle of the repeated split, skipped to the resume
+step, with per-example stateless augmentation seeds; each process keeps its
+rows of every global batch. Each process evaluates its own shard of the eval
+split (`tfds.split_for_jax_process`); metrics are sums, so any sharding gives
+the same totals.
 """
 
 from __future__ import annotations
@@ -103,17 +105,23 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   from seg_jax import parallel
   d = config.dataset
   host_batch = parallel.per_host_batch_size(config.batch_size)
-  ds = builder.as_dataset(split=tfds.split_for_jax_process("train"), shuffle_files=False)
+  # Every process walks the same global stream and keeps only its rows of each
+  # global batch, so the batches (and training) are the same for any number of
+  # processes. The price: each process reads (and caches) the whole split, and
+  # augments only its own rows.
+  ds = builder.as_dataset(split="train", shuffle_files=False)
   ds = ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
   if d.cache:
     ds = ds.cache()
-  # Each process shuffles its own shard; seeds differ per process, not per restart.
-  process_seed = config.seed * 1_000_003 + jax.process_index()
-  ds = ds.repeat().shuffle(d.shuffle_buffer or 1, seed=process_seed, reshuffle_each_iteration=True)
-  ds = ds.enumerate().skip(start_step * host_batch)  # resume: same stream, later position
+  stream_seed = config.seed * 1_000_003
+  ds = ds.repeat().shuffle(d.shuffle_buffer or 1, seed=stream_seed, reshuffle_each_iteration=True)
+  global_batch = config.batch_size
+  ds = ds.enumerate().skip(start_step * global_batch)  # resume: same stream, later position
+  process = jax.process_index()
+  ds = ds.filter(lambda index, _: (index % global_batch) // host_batch == process)
 
   def augment(index, example):
-    seed = tf.stack([tf.constant(process_seed, tf.int64), index])
+    seed = tf.stack([tf.constant(stream_seed, tf.int64), index])
     image, mask = transforms.train_augment(
         example["image"], example["mask"], seed, aug=d.augment, size=d.image_size,
         ignore_label=d.ignore_label)

@@ -1,0 +1,308 @@
+"""Long-run reliability through main.py: kills, preemption, multi-host, damaged checkpoints.
+
+Runs that must be killed or span several processes are real `main.py`
+subprocesses on the tests' tiny config (tests/configs/tiny.py). A wrapper
+slows the input stream a little so that a signal lands mid-run.
+"""
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from seg_jax import train
+from seg_jax.data import pipeline
+from tests.conftest import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("train/steps_per_sec", "train/img_per_sec", "compile_seconds")
+
+# main.py, with each training batch delayed by SLOW_BATCH_S seconds.
+_MAIN = """
+import os, sys, time
+sys.argv = ["main.py"] + sys.argv[1:]
+import main
+from seg_jax.data import pipeline
+real, delay = pipeline.train_batches, float(os.environ.get("SLOW_BATCH_S", "0"))
+def slowed(*args, **kwargs):
+  for batch in real(*args, **kwargs):
+    time.sleep(delay)
+    yield batch
+pipeline.train_batches = slowed
+from absl import app
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
+def _command(data_dir, workdir, cache_dir, *extra):
+  return [sys.executable, "-c", _MAIN, f"--config={REPO}/tests/configs/tiny.py:{data_dir}",
+          f"--workdir={workdir}", "--config.num_train_steps=30", "--config.log_every_steps=1",
+          "--config.eval_every_steps=15", f"--config.compilation_cache_dir={cache_dir}", *extra]
+
+
+def _env(devices=1, slow=0.0):
+  return {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "SLOW_BATCH_S": str(slow),
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _run(command, env, timeout=300):
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  return result
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _comparable(records):
+  """Records without wall-clock quantities (which differ between any two runs)."""
+  out = []
+  for record in records:
+    record = {k: v for k, v in record.items() if k not in TIMING_KEYS}
+    if set(record) != {"step"}:
+      out.append(record)
+  return out
+
+
+def _last_logged_step(workdir):
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+  except (FileNotFoundError, ValueError):
+    return 0
+  return max(steps, default=0)
+
+
+def _interrupt(command, env, workdir, *, after_step, signum, checkpoint=None):
+  """Starts a run, sends `signum` once it has logged `after_step` (and committed the
+  `checkpoint` step: saves are asynchronous); returns its exit code and stderr."""
+  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  committed = os.path.join(workdir, "checkpoints", str(checkpoint))
+  while (_last_logged_step(workdir) < after_step
+         or (checkpoint is not None and not os.path.isdir(committed))):
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.time() < deadline, "run did not reach the step in time"
+    time.sleep(0.02)
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=240)
+  return process.returncode, stderr
+
+
+def _final_state(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = manager.latest_step()
+  return step, manager.restore(step)
+
+
+@pytest.fixture(scope="module")
+def prepared(data_dir, tmp_path_factory):
+  pipeline.get_builder(tiny_config(data_dir))  # the dataset once, before any subprocess
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, prepared, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  result = _run(_command(data_dir, workdir, prepared), _env())
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_sigkill_twice_then_sigterm_ends_bit_identical(data_dir, prepared, uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  command = _command(data_dir, workdir, prepared)
+  env = _env(slow=0.15)
+  # SIGKILL after the step-10 checkpoint, then after step 20's: each restart resumes there.
+  code, _ = _interrupt(command, env, workdir, after_step=12, signum=signal.SIGKILL,
+                           checkpoint=10)
+  assert code == -signal.SIGKILL
+  code, _ = _interrupt(command, env, workdir, after_step=22, signum=signal.SIGKILL,
+                           checkpoint=20)
+  assert code == -signal.SIGKILL
+  # SIGTERM: finish the step, save it, exit 0.
+  code, stderr = _interrupt(command, env, workdir, after_step=24, signum=signal.SIGTERM)
+  assert code == 0, stderr[-3000:]
+  assert "checkpoint saved; run the same command again to resume" in stderr
+  steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+  stopped_at = max(steps)
+  assert 24 <= stopped_at < 30 and stopped_at == _last_logged_step(workdir)
+  result = _run(command, _env())
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  assert _comparable(_records(workdir)) == _comparable(_records(uninterrupted))
+  step, resumed = _final_state(workdir)
+  reference_step, reference = _final_state(uninterrupted)
+  assert step == reference_step == 30
+  leaves, reference_leaves = jax.tree.leaves(resumed), jax.tree.leaves(reference)
+  assert len(leaves) == len(reference_leaves) > 10
+  for a, b in zip(leaves, reference_leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_repeated_runs_are_identical(data_dir, prepared, uninterrupted, tmp_path):
+  result = _run(_command(data_dir, str(tmp_path), prepared), _env())
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _comparable(_records(tmp_path)) == _comparable(_records(uninterrupted))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_with_two_devices(data_dir, prepared, tmp_path):
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  extra = ("--config.num_train_steps=10", "--config.eval_every_steps=10",
+           "--config.checkpoint_every_steps=10")
+  result = _run(_command(data_dir, single, prepared, *extra), _env(devices=2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  port = _free_port()
+  processes = [
+      subprocess.Popen(_command(data_dir, multi, prepared, *extra,
+                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                f"--process_id={i}"),
+                       cwd=REPO, env=_env(devices=1), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  for process in processes:
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+  assert "JAX devices: 2 (cpu), processes: 2" in stderr
+
+  single_records, multi_records = _comparable(_records(single)), _comparable(_records(multi))
+  # Process 0 alone wrote metrics: one record per step, not two.
+  assert [r["step"] for r in multi_records] == [r["step"] for r in single_records]
+  single_eval, multi_eval = single_records[-1], multi_records[-1]
+  assert "eval/dice" in multi_eval
+  assert multi_eval == pytest.approx(single_eval, rel=1e-6, abs=1e-7)
+  assert [r["train/loss"] for r in multi_records if "train/loss" in r] == pytest.approx(
+      [r["train/loss"] for r in single_records if "train/loss" in r], rel=1e-6)
+  assert ocp.CheckpointManager(os.path.join(multi, "checkpoints")).all_steps() == [10]
+
+
+# ---------------------------------------------------------------------------- in-process faults
+
+@pytest.fixture
+def short_config(data_dir):
+  config = tiny_config(data_dir)
+  config.num_train_steps = 20
+  config.eval_every_steps = 20
+  return config
+
+
+def test_damaged_checkpoints_are_skipped_and_interrupted_saves_ignored(short_config, tmp_path,
+                                                                        caplog):
+  train.train_and_evaluate(short_config, str(tmp_path))
+  ckpt_dir = tmp_path / "checkpoints"
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [10, 20]
+  # A save killed midway leaves only a temporary directory: it is not a checkpoint.
+  (ckpt_dir / "30.orbax-checkpoint-tmp-1234567").mkdir()
+  (ckpt_dir / "30.orbax-checkpoint-tmp-1234567" / "half_written").write_bytes(b"\x00" * 10)
+  # Step 20's array data is destroyed: resuming must fall back to step 10, not crash or restart.
+  for root, _, files in os.walk(ckpt_dir / "20"):
+    for name in files:
+      if name not in ("_CHECKPOINT_METADATA",):
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  trainer = train.Trainer(short_config, str(tmp_path))
+  with caplog.at_level("WARNING"):
+    state = trainer.initial_state()
+  trainer.checkpoints.close()
+  assert int(state.step) == 10
+  assert "Checkpoint at step 20" in caplog.text and "cannot be restored" in caplog.text
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(short_config, tmp_path):
+  short_config.num_train_steps = 10
+  train.train_and_evaluate(short_config, str(tmp_path))
+  other = short_config.copy_and_resolve_references()
+  other.model.width = 16
+  with pytest.raises(train.WorkdirError, match=r"no checkpoint in .* can be restored for this config"):
+    train.Trainer(other, str(tmp_path)).initial_state()
+
+
+def test_restore_never_unpickles(short_config, tmp_path, monkeypatch):
+  short_config.num_train_steps = 10
+  train.train_and_evaluate(short_config, str(tmp_path))
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("pickle used while restoring a checkpoint")
+
+  for name in ("load", "loads", "Unpickler"):
+    monkeypatch.setattr(pickle, name, refuse)
+  trainer = train.Trainer(short_config, str(tmp_path))
+  assert int(trainer.initial_state().step) == 10
+  trainer.checkpoints.close()
+  for root, _, files in os.walk(tmp_path / "checkpoints"):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        head = f.read(2)
+      assert not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5), name  # pickle magic
+
+
+def test_unwritable_workdir_fails_before_training(short_config, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(train.WorkdirError, match=r"workdir .*a_file/run is not writable"):
+    train.train_and_evaluate(short_config, str(blocker / "run"))
+
+
+def _nan_at(monkeypatch, steps):
+  real = pipeline.train_batches
+
+  def corrupted(*args, **kwargs):
+    for step, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
+      if step in steps:
+        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+      yield batch
+
+  monkeypatch.setattr(pipeline, "train_batches", corrupted)
+
+
+def test_skip_mode_drops_nonfinite_updates_and_counts_them(short_config, tmp_path, monkeypatch):
+  short_config.on_nonfinite = "skip"
+  short_config.log_every_steps = 1
+  _nan_at(monkeypatch, {6, 7})
+  final = train.train_and_evaluate(short_config, str(tmp_path))
+  assert 0.0 <= final["eval/dice"] <= 1.0
+  records = {r["step"]: r for r in _records(tmp_path) if "train/loss" in r}
+  assert records[5]["train/skipped_steps"] == 0
+  assert records[6]["train/loss"] is None and records[6]["train/skipped_steps"] == 1
+  assert records[7]["train/skipped_steps"] == 2 and records[20]["train/skipped_steps"] == 2
+  # The skipped steps left parameters and batch statistics finite and unchanged.
+  assert records[6]["train/param_norm"] == records[5]["train/param_norm"]
+  assert records[7]["train/param_norm"] == records[5]["train/param_norm"]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_state(str(tmp_path))[1])
+             if np.asarray(x).dtype.kind == "f")
+
+
+def test_skip_mode_stops_after_too_many_consecutive_skips(short_config, tmp_path, monkeypatch):
+  short_config.on_nonfinite = "skip"
+  short_config.max_consecutive_skips = 2
+  short_config.check_finite_every_steps = 1
+  _nan_at(monkeypatch, {3, 4, 5, 6})
+  with pytest.raises(train.NonFiniteError, match=r"3 consecutive steps .* up to step 5"):
+    train.train_and_evaluate(short_config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_nonfinite_parameters_are_named(short_config, tmp_path):
+  # A finite loss and gradient, but a step so large the parameters overflow.
+  short_config.optimizer.learning_rate = 1e38
+  short_config.check_finite_every_steps = 1
+  with pytest.raises(train.NonFiniteError, match=r"non-finite param_norm \(inf\) at step 1;"):
+    train.train_and_evaluate(short_config, str(tmp_path))
