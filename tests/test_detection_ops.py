@@ -340,6 +340,8 @@ def test_roi_align_adaptive_cap_uses_evenly_spaced_samples(features):
   np.testing.assert_allclose(np.asarray(capped), want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="max_sampling_ratio"):
     roi_lib.roi_align(features, boxes, output_size=2, spatial_scale=0.5, sampling_ratio=0)
+  with pytest.raises(ValueError, match="method"):
+    roi_lib.roi_align(features, boxes, output_size=2, spatial_scale=0.5, sampling_ratio=2, method="fast")
 
 
 @pytest.mark.parametrize("method", ["dense", "gather"])
