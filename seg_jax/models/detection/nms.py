@@ -1,7 +1,8 @@
 """Greedy non-maximum suppression with static shapes: fixed-size output plus a validity mask.
 
-`nms` returns exactly the boxes that classic greedy NMS keeps (as torchvision's
-`nms`): visit boxes by descending score, ties broken by lower input index; keep
+`nms` returns exactly the boxes that classic greedy NMS keeps (torchvision's
+`nms` rule): visit boxes by descending score, ties broken by lower input index
+(torchvision leaves the order of ties unspecified); keep
 a box unless its IoU with an already kept box is strictly greater than
 `iou_threshold`. The kept boxes come back in that visiting order, truncated to
 `max_output` and padded to length `max_output`.
@@ -20,7 +21,9 @@ clears the boxes it overlaps (O(K) per kept box). The loop stops after
 `min(#kept, max_output)` iterations, so the total is O(K^2) and fine up to a few
 thousand candidates per image (K = 2000: a 4 MB matrix); select candidates
 with `lax.top_k` first when there are more (as the RPN does per FPN level).
-Under `vmap` the loop runs until the slowest image is done.
+Under `vmap` the loop runs until the slowest image is done. Measured under jit,
+2 images, 2-core CPU shared with other jobs: K=1000, max_output=100: 16 ms;
+K=1000, max_output=1000: 46 ms; K=2000: 101 ms; K=4000: 312 ms.
 
 The public functions are jitted with `max_output` static; `iou_threshold` may
 be a traced value, so changing it does not recompile.
