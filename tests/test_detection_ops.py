@@ -109,9 +109,10 @@ def np_roi_align(features, boxes, out_hw, scale, ratio, aligned):
                              for b in np.asarray(boxes[n], np.float64)]) for n in range(len(boxes))])
 
 
-def np_fpn_level(box, lo, hi):
+def np_fpn_level(box, lo, hi, canonical_size=224.0):
+  """FPN paper eq. 1 with detectron2's 1e-8, clamped to [lo, hi]."""
   side = math.sqrt(max(box[2] - box[0], 0) * max(box[3] - box[1], 0))
-  return int(min(max(math.floor(4 + math.log2(side / 224 + 1e-8)), lo), hi))
+  return int(min(max(math.floor(4 + math.log2(side / canonical_size + 1e-8)), lo), hi))
 
 
 # ----------------------------------------------------------------------------
@@ -173,7 +174,8 @@ def test_decode_clips_scale_before_exp_and_padding_stays_finite():
   # exp(log(1000/16)) * 16 = 1000 px, centred at (8, 8).
   np.testing.assert_allclose(np.asarray(huge), [8 - 500, 8 - 500, 8 + 500, 8 + 500], rtol=1e-5)
   tiny = decode(np.array([0, 0, -5.0, 0], np.float32), anchor)
-  np.testing.assert_allclose(np.asarray(tiny)[[0, 2]], [8 - 8 * math.exp(-5), 8 + 8 * math.exp(-5)], rtol=1e-5)
+  half = 8 * math.exp(-5)
+  np.testing.assert_allclose(np.asarray(tiny)[[0, 2]], [8 - half, 8 + half], rtol=1e-5)
   padded = encode(np.zeros((2, 4), np.float32), np.array([anchor, np.zeros(4, np.float32)]))
   assert np.all(np.isfinite(np.asarray(padded)))
   # Per-class deltas broadcast against one proposal.
@@ -206,7 +208,8 @@ def test_anchor_counts_positions_and_shapes():
   two_sizes = anchor_lib.level_anchors(2, 2, stride=10, sizes=(8, 16), aspect_ratios=(1.0, 4.0), offset=0.0)
   assert two_sizes.shape == (2 * 2 * 4, 4)
   # Cell (0, 1) -> centre (0, 10); shapes: size 8 r 1, size 8 r 4, size 16 r 1, size 16 r 4.
-  np.testing.assert_allclose(two_sizes[4:8], [[-4, 6, 4, 14], [-8, 8, 8, 12], [-8, 2, 8, 18], [-16, 6, 16, 14]])
+  np.testing.assert_allclose(two_sizes[4:8],
+                             [[-4, 6, 4, 14], [-8, 8, 8, 12], [-8, 2, 8, 18], [-16, 6, 16, 14]])
 
 
 # ----------------------------------------------------------------------------
@@ -348,8 +351,9 @@ def test_roi_align_adaptive_cap_uses_evenly_spaced_samples(features):
 def test_roi_align_gradient_matches_numpy_adjoint(features, method):
   boxes = _roi_boxes()
   cotangent = np.random.default_rng(7).normal(size=(1, boxes.shape[1], 2, 3, C))
-  grad = jax.jit(jax.grad(lambda f: jnp.sum(roi_lib.roi_align(
-      f, boxes, output_size=(2, 3), spatial_scale=0.5, sampling_ratio=2, method=method) * cotangent)))(features)
+  pool = functools.partial(roi_lib.roi_align, output_size=(2, 3), spatial_scale=0.5, sampling_ratio=2,
+                           method=method)
+  grad = jax.jit(jax.grad(lambda f: jnp.sum(pool(f, boxes) * cotangent)))(features)
   want = np.zeros((H, W, C))
   for r, box in enumerate(boxes[0].astype(np.float64)):
     np_roi_align_one(features[0].astype(np.float64), box, (2, 3), 0.5, 2, True,
@@ -367,8 +371,9 @@ def test_roi_align_box_gradient_on_a_linear_ramp():
   box = jnp.array([[[4.3, 6.1, 20.7, 17.9]]])
   p = np.arange(oh) + 0.5
   for method in ("dense", "gather"):
-    jac = jax.jit(jax.jacrev(lambda bx: roi_lib.roi_align(ramp, bx, output_size=oh, spatial_scale=scale,
-                                                          sampling_ratio=2, method=method)[0, 0, :, 0, 0]))(box)
+    pool = functools.partial(roi_lib.roi_align, output_size=oh, spatial_scale=scale, sampling_ratio=2,
+                             method=method)
+    jac = jax.jit(jax.jacrev(lambda bx: pool(ramp, bx)[0, 0, :, 0, 0]))(box)
     jac = np.asarray(jac)[:, 0, 0]
     np.testing.assert_allclose(jac[:, 0], a * scale * (1 - p / oh), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(jac[:, 2], a * scale * p / oh, rtol=1e-5, atol=1e-6)
@@ -377,12 +382,13 @@ def test_roi_align_box_gradient_on_a_linear_ramp():
 
 def test_roi_align_under_vmap_and_jit(features):
   boxes = _roi_boxes()
-  pool = functools.partial(roi_lib.roi_align, output_size=2, spatial_scale=0.5, sampling_ratio=2, method="gather")
+  pool = functools.partial(roi_lib.roi_align, output_size=2, spatial_scale=0.5, sampling_ratio=2,
+                           method="gather")
   stacked_f = np.stack([features, features[:, ::-1]])
   stacked_b = np.stack([boxes, boxes[:, ::-1]])
   got = jax.jit(jax.vmap(pool))(stacked_f, stacked_b)
-  np.testing.assert_allclose(np.asarray(got[1]), np_roi_align(features[:, ::-1], boxes[:, ::-1], (2, 2), 0.5, 2, True),
-                             rtol=1e-5, atol=1e-5)
+  want = np_roi_align(features[:, ::-1], boxes[:, ::-1], (2, 2), 0.5, 2, True)
+  np.testing.assert_allclose(np.asarray(got[1]), want, rtol=1e-5, atol=1e-5)
 
 
 def test_assign_fpn_levels_matches_formula():
@@ -410,8 +416,7 @@ def test_multilevel_roi_align_pools_each_box_from_its_level():
     for n in range(2):
       for r in range(10):
         box = boxes[n, r].astype(np.float64)
-        side_px = math.sqrt(max(box[2] - box[0], 0) * max(box[3] - box[1], 0))
-        level = int(min(max(math.floor(4 + math.log2(side_px / 56 + 1e-8)), 2), 5))
+        level = np_fpn_level(box, 2, 5, canonical_size=56.0)
         want[n, r] = np_roi_align_one(levels[level - 2][n].astype(np.float64), box, (3, 3), 2.0 ** -level,
                                       ratio, True)
     for method in ("dense", "gather"):

@@ -94,7 +94,9 @@ def _apply(boxes, scores, valid, groups, iou_threshold, max_output):
 @functools.partial(jax.jit, static_argnames=("max_output",))
 def _batched_nms(boxes, scores, valid, groups, iou_threshold, *, max_output):
   """vmaps `_greedy_nms` over any leading batch axes."""
-  valid = jnp.ones(scores.shape, bool) if valid is None else jnp.broadcast_to(jnp.asarray(valid, bool), scores.shape)
+  if valid is None:
+    valid = jnp.ones(scores.shape, bool)
+  valid = jnp.broadcast_to(jnp.asarray(valid, bool), scores.shape)
   if groups is not None:
     groups = jnp.broadcast_to(jnp.asarray(groups, jnp.int32), scores.shape)
 
