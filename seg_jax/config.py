@@ -190,6 +190,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"must be >= 0 and outside [0, num_classes={config.dataset.num_classes})")
 
 
+def schema_default(key: str) -> Any:
+  """The base_config() default of the dotted `key`; ConfigError naming the closest key if unknown."""
+  known = dict(_flat_items(base_config()))
+  if key not in known:
+    close = difflib.get_close_matches(key, known, n=1)
+    raise ConfigError(f"config.{key}: unknown config key" +
+                      (f" (did you mean {close[0]}?)" if close else ""))
+  return known[key]
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   value = config
   for part in dotted.split("."):
