@@ -260,7 +260,9 @@ def main_command(config_arg: str, run: Run, fixed_overrides: dict[str, Any],
 
 
 def _flat_json(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
-  tree = json.loads(config.to_json_best_effort()) if isinstance(config, ml_collections.ConfigDict) else config
+  """{'model.width': 16, ...} of a config as config.json stores it (JSON types)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config.to_json_best_effort())
   out = {}
   def walk(node, prefix):
     for key, value in node.items():
@@ -268,7 +270,7 @@ def _flat_json(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
         walk(value, f"{prefix}{key}.")
       else:
         out[f"{prefix}{key}"] = value
-  walk(tree, "")
+  walk(config, "")
   return out
 
 
@@ -295,7 +297,7 @@ def _run_process(argv: list[str], log_path: str) -> int:
     log.write(f"\n$ {shlex.join(argv)}\n")
     log.flush()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               bufsize=1)
+                               bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
       for line in process.stdout:
         sys.stderr.write(line)
@@ -329,8 +331,8 @@ def execute(runs: Sequence[Run], base: ml_collections.ConfigDict, config_arg: st
       except BlockingIOError:
         print(f"{title}: another process is running it, skipped", file=sys.stderr, flush=True)
         continue
-      print(f"{title}: {'resuming' if os.path.exists(os.path.join(run.workdir, 'checkpoints')) else 'starting'}",
-            file=sys.stderr, flush=True)
+      resuming = os.path.exists(os.path.join(run.workdir, "checkpoints"))
+      print(f"{title}: {'resuming' if resuming else 'starting'}", file=sys.stderr, flush=True)
       t0 = time.perf_counter()
       argv = main_command(config_arg, run, fixed_overrides, main_py=MAIN_PY, python=sys.executable)
       code = _run_process(argv, os.path.join(run.workdir, "train.log"))
@@ -430,7 +432,7 @@ def main(argv: list[str]) -> None:
     if failed:
       _fail(f"{len(failed)} of {len(runs)} runs failed: " +
             ", ".join(f"{r.variant}/seed={r.seed}" for r in failed), code=1)
-  except (SweepError, config_lib.ConfigError) as e:
+  except (SweepError, sweep_report.ReportError, config_lib.ConfigError) as e:
     _fail(str(e))
   except OSError as e:  # ml_collections: the config file could not be loaded
     _fail(" ".join(str(e).split()))

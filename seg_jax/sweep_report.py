@@ -28,6 +28,10 @@ FIGURE_SIZE_INCHES = (12.0, 4.5)
 FIGURE_DPI = 100
 
 
+class ReportError(ValueError):
+  """The report cannot be made as asked (e.g. a metric no run wrote); the message is one line."""
+
+
 @dataclasses.dataclass
 class RunResult:
   """What the report needs from one finished run."""
@@ -248,13 +252,10 @@ def write_markdown(path: str, rows: list[dict[str, Any]], metrics: Sequence[str]
 
 # ---------------------------------------------------------------------------- plot
 
-def short_labels(variants: Sequence[Variant]) -> list[str]:
-  """Legend labels: `width=16, norm=group`; the last part of each key unless two axes share it."""
-  keys = list(variants[0].overrides) if variants else []
-  tails = [k.rsplit(".", 1)[-1] for k in keys]
-  names = [t if tails.count(t) == 1 else k for k, t in zip(keys, tails)]
-  return [", ".join(f"{n}={v.overrides[k]}" for n, k in zip(names, keys)) or v.name
-          for v in variants]
+def labels(variants: Sequence[Variant]) -> list[str]:
+  """Legend labels: `loss.name=ce+dice, model.norm=group` (the values unescaped)."""
+  return [", ".join(f"{k}={v}" for k, v in variant.overrides.items()) or variant.name
+          for variant in variants]
 
 
 def plot_curves(path: str, variants: Sequence[Variant], rows: list[dict[str, Any]],
@@ -269,12 +270,12 @@ def plot_curves(path: str, variants: Sequence[Variant], rows: list[dict[str, Any
   from matplotlib import pyplot as plt
   import numpy as np
 
-  labels = short_labels(variants)
+  names = labels(variants)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   fig, (ax_curve, ax_bar) = plt.subplots(
       1, 2, figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI, gridspec_kw={"width_ratios": [3, 2]})
   seeds = max((row["seeds_total"] for row in rows), default=0)
-  for i, (label, row) in enumerate(zip(labels, rows)):
+  for i, (label, row) in enumerate(zip(names, rows)):
     runs = row["runs"]
     if not runs:
       continue
@@ -297,8 +298,8 @@ def plot_curves(path: str, variants: Sequence[Variant], rows: list[dict[str, Any
   ax_curve.grid(alpha=0.3)
   if any(row["runs"] for row in rows):
     ax_curve.legend(fontsize=8, loc="best")
-  ax_bar.set_yticks(range(len(labels)), [f"{label}\n{_format_stat(row[f'{metric} final'], 4)}"
-                                         for label, row in zip(labels, rows)], fontsize=8)
+  ax_bar.set_yticks(range(len(names)), [f"{label}\n{_format_stat(row[f'{metric} final'], 4)}"
+                                        for label, row in zip(names, rows)], fontsize=8)
   ax_bar.invert_yaxis()
   finite = [v for row in rows for r in row["runs"] for v in [r.curves[metric].get(r.steps)]
             if v is not None and math.isfinite(v)]
@@ -323,6 +324,13 @@ def write_report(sweep_dir: str, variants: Sequence[Variant], metrics: Sequence[
   `metrics[0]` is the one plotted. Returns {kind: path} of the files written.
   """
   rows = summarize(variants, metrics)
+  runs = [run for row in rows for run in row["runs"]]
+  for metric in metrics:
+    if runs and not any(run.curves[metric] for run in runs):
+      written = sorted({k for d in variants for w in d.run_dirs for r in read_records(w)
+                        for k in r if k.startswith("eval/") and k.count("/") == 1})
+      raise ReportError(f"metric {metric!r} is in no finished run's {METRICS_FILE}; "
+                        f"eval metrics there: {', '.join(written)}")
   paths = {"markdown": os.path.join(sweep_dir, "results.md"),
            "csv": os.path.join(sweep_dir, "results.csv")}
   write_markdown(paths["markdown"], rows, metrics, description)

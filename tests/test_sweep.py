@@ -284,7 +284,8 @@ def test_markdown_marks_the_best_mean_per_column(synthetic_sweep):
   assert cells["ce+dice"][1:4] == ["2/3", "30", f"**{text}**" if best else text]
   assert cells["ce"][7] == "**104 ± 5 s**"  # walls 100, 110, 102 s; ce+dice 120, 121 s
   assert cells["ce"][8] == "1,000"
-  marked = {column for v, parts in cells.items() for column, cell in zip(table[0].strip("| ").split(" | "), parts)
+  header = table[0].strip("| ").split(" | ")
+  marked = {column for parts in cells.values() for column, cell in zip(header, parts)
             if cell.startswith("**")}
   assert len(marked) == 5  # four metric columns and wall time, each marked once
 
