@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "shapes"         # see seg_jax/data/pipeline.py for the registry
   c.dataset.data_dir = ""           # TFDS data dir; '' = TFDS default (~/tensorflow_datasets)
+  c.dataset.seed = 0                # shapes: which scenes are generated (fixed across training seeds)
   c.dataset.num_classes = 6         # including background (class 0)
   c.dataset.ignore_label = 255      # never counts in loss or metrics
   c.dataset.image_size = 64         # shapes: generated size; training crop size
@@ -193,6 +194,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.dataset.ignore_label or 0 <= config.dataset.ignore_label < config.dataset.num_classes:
     _fail("dataset.ignore_label", config.dataset.ignore_label,
           f"must be >= 0 and outside [0, num_classes={config.dataset.num_classes})")
+
+
+def schema_default(key: str) -> Any:
+  """The base_config() default of the dotted `key`; ConfigError naming the closest key if unknown."""
+  known = dict(_flat_items(base_config()))
+  if key not in known:
+    close = difflib.get_close_matches(key, known, n=1)
+    raise ConfigError(f"config.{key}: unknown config key" +
+                      (f" (did you mean {close[0]}?)" if close else ""))
+  return known[key]
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:

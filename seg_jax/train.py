@@ -116,6 +116,11 @@ def create_train_state(config, model: nn.Module, tx: optax.GradientTransformatio
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(models.init_key(config.seed))
 
 
+def count_params(params) -> int:
+  """Number of trainable parameters (batch-norm statistics not included)."""
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
 def _variables(state: TrainState) -> dict:
   variables = {"params": state.params}
   if state.batch_stats:
@@ -338,7 +343,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   On SIGTERM/SIGINT it finishes the current step, saves a checkpoint and
   returns early (the scalars then hold {"preempted_at_step": step}); running
   the same command again resumes there.
+
+  Besides the train and eval scalars, metrics.jsonl gets `num_params` once per call (at the
+  start step, so it also marks where a resumed process begins) and `wall_seconds` (time since
+  this call began) with every log and eval record: summed over calls, the run's wall time.
   """
+  started = time.perf_counter()
   _prepare_workdir(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -350,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writers.drop_records_after(os.path.join(workdir, "metrics.jsonl"), start_step)
   writer = writers.create_writer(workdir)
   total_steps = config.num_train_steps
+  writer.write_scalars(start_step, {"num_params": count_params(state.params)})
   final_scalars: dict[str, float] = {}
   if start_step >= total_steps:
     logging.info("Already trained to step %d (num_train_steps=%d); evaluating only.",
@@ -397,6 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           means["train/img_per_sec"] = steps_per_s * config.batch_size
           if "total_skips" in history[-1][1]:
             means["train/skipped_steps"] = history[-1][1]["total_skips"]
+          means["wall_seconds"] = time.perf_counter() - started
           writer.write_scalars(step, means)
           eta = (total_steps - step) / max(steps_per_s, 1e-9)
           parts = " ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in means.items()
@@ -410,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           t0 = time.perf_counter()
           scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
           final_scalars = eval_scalars(scores, trainer.class_names)
-          writer.write_scalars(step, final_scalars)
+          writer.write_scalars(step, {**final_scalars, "wall_seconds": time.perf_counter() - started})
           _write_visuals(trainer, writer, visuals, step)
           logging.info("eval at step %d (%.1f s): dice %.4f | miou %.4f | pixel acc %.4f\n%s", step,
                        time.perf_counter() - t0, scores["mean_dice"], scores["mean_jaccard"],

@@ -24,7 +24,9 @@ from seg_jax.data import pipeline
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = ("train/steps_per_sec", "train/img_per_sec", "compile_seconds")
+# Wall-clock quantities, and the per-process start marker, differ between any two runs.
+TIMING_KEYS = ("train/steps_per_sec", "train/img_per_sec", "compile_seconds", "wall_seconds",
+               "num_params")
 
 # main.py, with each training batch delayed by SLOW_BATCH_S seconds.
 _MAIN = """

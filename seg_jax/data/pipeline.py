@@ -53,7 +53,7 @@ def _shapes(config: ml_collections.ConfigDict, data_dir: str | None):
   d = config.dataset
   builder = shapes.shapes_builder(
       data_dir=data_dir, image_size=d.image_size, num_train=d.num_train,
-      num_validation=d.num_validation, num_test=d.num_test, seed=config.seed)
+      num_validation=d.num_validation, num_test=d.num_test, seed=d.seed)
   return shapes.prepare(builder), list(shapes.CLASS_NAMES)
 
 

@@ -1,0 +1,347 @@
+"""Sweeps: the product and names of variants, skipping finished runs, and a report whose
+numbers are recomputed here from the values written into each run's metrics.jsonl."""
+
+import csv
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seg_jax import sweep
+from seg_jax import sweep_report
+from tests.conftest import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, cwd=REPO):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "seg_jax.sweep", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+# ---------------------------------------------------------------------------- variants and names
+
+def test_variants_are_the_product_and_runs_go_seed_by_seed(tmp_path):
+  axes = dict(sweep.parse_axis_flag(t) for t in ("loss.name=ce,dice,ce+dice",
+                                                  "model.norm=batch,group"))
+  assert sweep.variants(axes) == [
+      {"loss.name": l, "model.norm": n} for l in ("ce", "dice", "ce+dice") for n in ("batch", "group")]
+  runs = sweep.plan(axes, [0, 1, 2], str(tmp_path))
+  assert len(runs) == 18
+  assert [r.seed for r in runs] == [0] * 6 + [1] * 6 + [2] * 6
+  assert os.path.relpath(runs[11].workdir, tmp_path) == "loss.name=ce+dice,model.norm=group/seed=1"
+  assert len({r.workdir for r in runs}) == 18
+
+
+def test_names_are_stable_typed_and_filesystem_safe():
+  # The same variant has one name whatever the order of the axes.
+  assert (sweep.variant_name({"model.norm": "group", "loss.name": "ce"}) ==
+          sweep.variant_name({"loss.name": "ce", "model.norm": "group"}) ==
+          "loss.name=ce,model.norm=group")
+  # Values take the type of the schema's key, and print as main.py parses them back.
+  key, values = sweep.parse_axis_flag("optimizer.learning_rate=1e-3,0.01,1e-5")
+  assert values == [0.001, 0.01, 1e-05] and all(type(v) is float for v in values)
+  assert sweep.variant_name({key: values[2]}) == "optimizer.learning_rate=1e-05"
+  assert sweep.parse_axis_flag("model.width=8,16") == ("model.width", [8, 16])
+  assert sweep.parse_axis_flag("dataset.augment.hflip=false,True") == (
+      "dataset.augment.hflip", [False, True])
+  # Separators and path characters inside a value are %-escaped: one directory level.
+  assert (sweep.variant_name({"dataset.data_dir": "/tmp/a b,c=d"}) ==
+          "dataset.data_dir=%2Ftmp%2Fa%20b%2Cc%3Dd")
+  assert sweep.variant_name({}) == "base"
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("model.widht=8,16", "--sweep: config.model.widht: unknown config key (did you mean model.width?)"),
+    ("model.width=8,x", "--sweep: config.model.width='x': not an int"),
+    ("seed=1,2", "seeds are not an axis; use --seeds=N"),
+    ("model.width", "expected key=value1,value2,..."),
+])
+def test_bad_axis_flags_fail_with_one_line(flag, message):
+  with pytest.raises(sweep.SweepError) as error:
+    sweep.parse_axis_flag(flag)
+  assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bad_sweep_file_axes_and_values_fail_before_any_run(data_dir, tmp_path):
+  with pytest.raises(sweep.SweepError, match="a value is listed twice"):
+    sweep.check_axes({"model.width": [8, 8]}, "f.py get_sweep()")
+  with pytest.raises(sweep.SweepError, match="must be a str"):
+    sweep.check_axes({"model.norm": [1]}, "f.py get_sweep()")
+  assert sweep.check_axes({"optimizer.learning_rate": [1, 0.5]}, "f") == {
+      "optimizer.learning_rate": [1.0, 0.5]}
+  runs = sweep.plan({"model.norm": ["batch", "bach"]}, [0], str(tmp_path))
+  with pytest.raises(sweep.SweepError, match=r"^variant model.norm=bach: config.model.norm='bach': "
+                                             r"must be one of batch, group, none$"):
+    sweep.validate_runs(tiny_config(data_dir), runs)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs", "sweeps"))))
+def test_sweep_files_in_configs_are_valid(name, tmp_path):
+  sys.path.insert(0, REPO)  # the files import configs/*.py
+  path = os.path.join(REPO, "configs", "sweeps", name)
+  spec = sweep.load_sweep_file(path)
+  assert spec["axes"] and set(spec) <= set(sweep.SPEC_KEYS)
+  module_spec = importlib.util.spec_from_file_location("sweep_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  base = module.get_config()
+  runs = sweep.plan(sweep.check_axes(spec["axes"], name), sweep.seed_list(base, spec["seeds"]),
+                    str(tmp_path))
+  sweep.validate_runs(base, runs)
+
+
+def test_cli_misspelled_key_fails_at_start_with_one_line(tmp_path):
+  result = _cli("--config=configs/unet.py", f"--workdir={tmp_path}/sw", "--sweep=loss.name=ce,dice",
+                "--sweep=model.widht=8,16")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: --sweep: config.model.widht: unknown config key (did you mean model.width?)")
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(tmp_path / "sw")
+
+
+def test_cli_print_commands_one_main_py_command_per_run(tmp_path):
+  result = _cli("--config=configs/unet.py", f"--workdir={tmp_path}/sw", "--sweep=model.width=8,16",
+                "--seeds=2", "--config.num_train_steps=500", "--print_commands")
+  assert result.returncode == 0, result.stderr
+  expected = [f"python main.py --config=configs/unet.py --workdir={tmp_path}/sw/model.width={w}/"
+              f"seed={s} --config.num_train_steps=500 --config.model.width={w} --config.seed={s}"
+              for s in (0, 1) for w in (8, 16)]
+  assert result.stdout.splitlines() == expected
+  assert not os.path.exists(tmp_path / "sw" / "model.width=8")  # nothing trained
+  spec = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+  assert spec["axes"] == {"model.width": [8, 16]} and spec["seeds"] == [0, 1]
+
+
+# ---------------------------------------------------------------------------- skipping and resuming
+
+def _write_run(workdir, config, evals, extra=()):
+  """A fake run: config.json and metrics.jsonl with eval/dice at the given steps."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for record in [*extra, *({"step": s, "eval/dice": 0.5} for s in evals)]:
+      f.write(json.dumps(record) + "\n")
+
+
+def test_finished_runs_are_skipped_unfinished_ones_started(data_dir, tmp_path, monkeypatch):
+  base = tiny_config(data_dir)  # num_train_steps = 30
+  runs = sweep.plan({"model.width": [8, 16]}, [0, 1], str(tmp_path))
+  finished, interrupted = runs[0], runs[1]
+  _write_run(finished.workdir, sweep.run_config(base, finished), evals=[30])
+  # Trained to step 20 (eval there and a train record at 30 do not make it finished).
+  _write_run(interrupted.workdir, sweep.run_config(base, interrupted), evals=[20],
+             extra=[{"step": 30, "train/loss": 0.1}])
+  launched = []
+
+  def fake_process(argv, log_path):
+    launched.append(argv)
+    workdir = next(a.split("=", 1)[1] for a in argv if a.startswith("--workdir="))
+    run = next(r for r in runs if r.workdir == workdir)
+    if run.seed == 0:  # the interrupted run completes; seed 1 of width 16 "crashes"
+      _write_run(workdir, sweep.run_config(base, run), evals=[20, 30])
+    elif run.overrides["model.width"] == 16:
+      return 1
+    else:
+      _write_run(workdir, sweep.run_config(base, run), evals=[30])
+    return 0
+
+  monkeypatch.setattr(sweep, "_run_process", fake_process)
+  failed = sweep.execute(runs, base, "cfg.py", {"num_train_steps": 30})
+  assert [a[3] for a in launched] == [f"--workdir={r.workdir}" for r in runs[1:]]
+  assert launched[0][4:] == ["--config.num_train_steps=30", "--config.model.width=16",
+                             "--config.seed=0"]
+  assert failed == [runs[3]]
+  assert [sweep_report.is_finished(r.workdir) for r in runs] == [True, True, True, False]
+
+  # Second pass: only the failed run is started again.
+  launched.clear()
+  sweep.execute(runs, base, "cfg.py", {})
+  assert [a[3] for a in launched] == [f"--workdir={runs[3].workdir}"]
+
+
+def test_a_run_trained_with_another_config_stops_the_sweep(data_dir, tmp_path, monkeypatch):
+  base = tiny_config(data_dir)
+  runs = sweep.plan({"model.width": [8]}, [0], str(tmp_path))
+  other = sweep.run_config(base, runs[0])
+  other.num_train_steps = 60
+  _write_run(runs[0].workdir, other, evals=[30])
+  monkeypatch.setattr(sweep, "_run_process", lambda *a: pytest.fail("must not run"))
+  with pytest.raises(sweep.SweepError, match="trained with num_train_steps=60, this sweep has 30"):
+    sweep.execute(runs, base, "cfg.py", {})
+
+
+# ---------------------------------------------------------------------------- the report
+
+EVAL_STEPS = (10, 20, 30)
+
+
+@pytest.fixture(scope="module")
+def synthetic_sweep(tmp_path_factory):
+  """2 variants x 3 seeds of synthetic metrics.jsonl; returns (dir, {variant: [per-run truth]})."""
+  sweep_dir = str(tmp_path_factory.mktemp("sweep"))
+  axes = {"loss.name": ["ce", "ce+dice"]}
+  seeds = [0, 1, 2]
+  sweep.write_spec(sweep_dir, {"config": "c.py", "overrides": {}, "axes": axes, "seeds": seeds,
+                               "metrics": ["eval/dice", "eval/miou"]})
+  rng = np.random.default_rng(0)
+  truth = {}
+  for run in sweep.plan(axes, seeds, sweep_dir):
+    with_dice = run.overrides["loss.name"] == "ce+dice"
+    dice = {s: float(v) for s, v in zip(EVAL_STEPS, rng.uniform(0.5, 0.8, 3) + 0.1 * with_dice)}
+    miou = {s: float(v) for s, v in zip(EVAL_STEPS, rng.uniform(0.3, 0.6, 3) + 0.1 * with_dice)}
+    records = [{"step": 0, "num_params": 1000}]
+    last_wall = 100.0 + run.seed + 20.0 * with_dice  # wall_seconds of the last write
+    wall = last_wall
+    if not with_dice and run.seed == 1:
+      # Interrupted after its step-20 eval at 40 s, resumed from a step-10 checkpoint: the
+      # steps from 10 on are written twice and the later values count; wall time 40 + 70 s.
+      records += [{"step": 10, "train/loss": 1.0, "wall_seconds": 20.0},
+                  {"step": 10, "eval/dice": 0.1, "eval/miou": 0.1, "wall_seconds": 21.0},
+                  {"step": 20, "eval/dice": 0.99, "eval/miou": 0.99, "wall_seconds": 40.0},
+                  {"step": 10, "num_params": 1000}]
+      last_wall, wall = 70.0, 110.0
+    for step in EVAL_STEPS:
+      records.append({"step": step, "train/loss": 0.5, "wall_seconds": last_wall * step / 31})
+      records.append({"step": step, "eval/dice": dice[step], "eval/miou": miou[step],
+                      "wall_seconds": last_wall * step / 30})
+    finished = not (run.overrides["loss.name"] == "ce+dice" and run.seed == 2)
+    if not finished:
+      records = records[:-2]  # killed before its last evaluation
+    os.makedirs(run.workdir)
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      json.dump({"num_train_steps": 30}, f)
+    with open(os.path.join(run.workdir, "metrics.jsonl"), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+    if finished:
+      truth.setdefault(run.variant, []).append({"dice": dice, "miou": miou, "wall": wall})
+  paths = sweep.report(sweep_dir)
+  return sweep_dir, truth, paths
+
+
+def test_report_numbers_equal_each_runs_metrics(synthetic_sweep):
+  sweep_dir, truth, paths = synthetic_sweep
+  assert set(paths) == {"markdown", "csv", "plot"}
+  with open(os.path.join(sweep_dir, "results.csv")) as f:
+    rows = {row["variant"]: row for row in csv.DictReader(f)}
+  assert list(rows) == ["loss.name=ce", "loss.name=ce+dice"]
+  for variant, runs in truth.items():
+    row = rows[variant]
+    assert int(row["seeds_finished"]) == len(runs) and int(row["seeds_total"]) == 3
+    assert int(row["steps"]) == 30 and int(row["num_params"]) == 1000
+    for metric, key in (("eval/dice", "dice"), ("eval/miou", "miou")):
+      finals = [r[key][30] for r in runs]
+      bests = [max(r[key].values()) for r in runs]
+      assert float(row[f"{metric} final mean"]) == pytest.approx(statistics.mean(finals), abs=1e-12)
+      assert float(row[f"{metric} final std"]) == pytest.approx(statistics.stdev(finals), abs=1e-12)
+      assert float(row[f"{metric} best mean"]) == pytest.approx(statistics.mean(bests), abs=1e-12)
+      assert float(row[f"{metric} best std"]) == pytest.approx(statistics.stdev(bests), abs=1e-12)
+    walls = [r["wall"] for r in runs]
+    assert float(row["wall_seconds mean"]) == pytest.approx(statistics.mean(walls))
+  # The resumed run counts its later values, not 0.99 from before the restart.
+  assert all(max(r["dice"].values()) < 0.99 for r in truth["loss.name=ce"])
+  assert [r["wall"] for r in truth["loss.name=ce"]] == [100.0, 110.0, 102.0]
+  for variant, columns in _expected_best(truth).items():
+    assert rows[variant]["best_in"] == ";".join(columns)
+
+
+def _expected_best(truth):
+  """{variant: [columns where its mean is the highest (metrics) or lowest (wall time)]}."""
+  columns = {f"eval/{m} {kind}": (lambda r, m=m, kind=kind:
+                                   r[m][30] if kind == "final" else max(r[m].values()))
+             for m in ("dice", "miou") for kind in ("final", "best")}
+  out = {v: [] for v in truth}
+  for column, value in columns.items():
+    means = {v: statistics.mean(value(r) for r in runs) for v, runs in truth.items()}
+    out[max(means, key=means.get)].append(column)
+  walls = {v: statistics.mean(r["wall"] for r in runs) for v, runs in truth.items()}
+  out[min(walls, key=walls.get)].append("wall_seconds")
+  return out
+
+
+def test_markdown_marks_the_best_mean_per_column(synthetic_sweep):
+  sweep_dir, truth, _ = synthetic_sweep
+  lines = open(os.path.join(sweep_dir, "results.md")).read().splitlines()
+  table = [l for l in lines if l.startswith("|")]
+  assert table[0] == ("| loss.name | seeds | steps | final eval/dice | best eval/dice | "
+                      "final eval/miou | best eval/miou | wall time | params |")
+  cells = {}
+  for row in table[2:]:
+    parts = row.strip("| ").split(" | ")
+    cells[parts[0]] = parts
+  dice = [r["dice"][30] for r in truth["loss.name=ce+dice"]]
+  text = f"{statistics.mean(dice):.4f} ± {statistics.stdev(dice):.4f}"
+  best = "eval/dice final" in _expected_best(truth)["loss.name=ce+dice"]
+  assert cells["ce+dice"][1:4] == ["2/3", "30", f"**{text}**" if best else text]
+  assert cells["ce"][7] == "**104 ± 5 s**"  # walls 100, 110, 102 s; ce+dice 120, 121 s
+  assert cells["ce"][8] == "1,000"
+  header = table[0].strip("| ").split(" | ")
+  marked = {column for parts in cells.values() for column, cell in zip(header, parts)
+            if cell.startswith("**")}
+  assert len(marked) == 5  # four metric columns and wall time, each marked once
+
+
+def test_plot_is_a_png_of_the_expected_size_with_both_variants(synthetic_sweep):
+  sweep_dir, _, _ = synthetic_sweep
+  with Image.open(os.path.join(sweep_dir, "curves.png")) as image:
+    assert image.format == "PNG"
+    assert image.size == (1200, 450)
+    pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+  for color in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):  # the first two default line colours
+    assert (np.abs(pixels - color).sum(axis=1) < 30).sum() > 200, color
+
+
+# ---------------------------------------------------------------------------- end to end
+
+def test_tiny_sweep_end_to_end(data_dir, tmp_path, monkeypatch):
+  """One real run (a main.py process): main.py parses the command the sweep builds, the
+  report reads what train.py writes, and a second pass skips the finished run."""
+  config_file = tmp_path / "tiny_sweep.py"
+  config_file.write_text(
+      f"import sys\nsys.path.insert(0, {REPO!r})\nfrom tests.conftest import tiny_config\n\n"
+      f"def get_config():\n  config = tiny_config({data_dir!r})\n"
+      "  config.num_train_steps = 4\n  config.eval_every_steps = 2\n"
+      "  config.checkpoint_every_steps = 2\n  config.num_eval_visuals = 0\n  return config\n")
+  base = tiny_config(data_dir)
+  base.num_train_steps, base.eval_every_steps, base.checkpoint_every_steps = 4, 2, 2
+  base.num_eval_visuals = 0
+  sweep_dir = tmp_path / "sw"
+  axes, seeds = {"model.upsample": ["resize"]}, [0]
+  runs = sweep.plan(axes, seeds, str(sweep_dir))
+  assert sweep.execute(runs, base, str(config_file), {}) == []
+  sweep.write_spec(str(sweep_dir), {"axes": axes, "seeds": seeds, "metrics": ["eval/dice"]})
+  sweep.report(str(sweep_dir))
+
+  workdir = sweep_dir / "model.upsample=resize" / "seed=0"
+  records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  dice = {r["step"]: r["eval/dice"] for r in records if "eval/dice" in r}
+  assert sorted(dice) == [2, 4]
+  with open(sweep_dir / "results.csv") as f:
+    (row,) = list(csv.DictReader(f))
+  assert float(row["eval/dice final mean"]) == dice[4]
+  assert float(row["eval/dice best mean"]) == max(dice.values())
+  assert float(row["wall_seconds mean"]) == max(r["wall_seconds"] for r in records
+                                                if "wall_seconds" in r) > 0
+  # Parameters of the tiny U-Net with resize upsampling, counted from the model's shapes.
+  import jax
+  from seg_jax.models import registry
+  config = tiny_config(data_dir)
+  config.model.upsample = "resize"
+  model = registry.build_model(config)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, 32, 32, 3), jax.numpy.float32))
+  assert int(row["num_params"]) == sum(int(np.prod(x.shape))
+                                       for x in jax.tree.leaves(shapes["params"]))
+  assert (sweep_dir / "curves.png").exists()
+
+  monkeypatch.setattr(sweep, "_run_process", lambda *a: pytest.fail("a finished run was started"))
+  assert sweep.execute(runs, base, str(config_file), {}) == []
