@@ -184,6 +184,7 @@ class Trainer:
     self.tx, self.schedule = make_optimizer(config)
     self.builder, self.class_names = pipeline.prepare_dataset(config)
     self.channels = pipeline.image_channels(config, self.builder)
+    pipeline.check_eval_split(config, self.builder)  # fail now, not at the first eval
     replicated = parallel.replicated(self.mesh)
     data = parallel.batch_sharding(self.mesh)
     self.train_step = jax.jit(

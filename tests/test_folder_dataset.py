@@ -194,6 +194,10 @@ def test_every_problem_is_reported_in_one_error_and_nothing_is_built(tmp_path):
   pair("trunc")
   data = (root / "images" / "trunc.png").read_bytes()
   (root / "images" / "trunc.png").write_bytes(data[: len(data) // 2])  # truncated PNG
+  Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / "images" / "cut.jpg")
+  data = (root / "images" / "cut.jpg").read_bytes()
+  (root / "images" / "cut.jpg").write_bytes(data[: len(data) // 2])    # truncated JPEG
+  Image.fromarray(_mask(rng, 20, 24)).save(root / "masks" / "cut.png")
   pair("notimage")
   (root / "images" / "notimage.png").write_text("this is not a picture")  # non-image, image name
   pair("bomb")
@@ -220,7 +224,8 @@ def test_every_problem_is_reported_in_one_error_and_nothing_is_built(tmp_path):
   message = str(info.value)
   summary, *lines = message.splitlines()
   expected = {
-      "images/zero.png": "empty", "images/trunc.png": "truncated", "images/notimage.png": "not an image",
+      "images/zero.png": "empty", "images/trunc.png": "truncated", "images/cut.jpg": "truncated",
+      "images/notimage.png": "not an image",
       "images/bomb.png": "exceeds", "masks/sizes.png": "10", "masks/labels.png": "[7]",
       "images/greyone.png": "1 channels", "masks/rgbmask.png": "colours are not class ids",
       "images/lonely.png": "no mask", "masks/orphan.png": "no image", "twice": "share the stem",

@@ -176,8 +176,9 @@ def eval_canvas(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBui
           _round_up(max(int(w) for _, w in sizes), d.eval_pad_multiple))
 
 
-def _check_split(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
-                 split: str) -> None:
+def check_split(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                split: str) -> None:
+  """DataError unless the dataset has `split` (checked before training starts)."""
   if split not in builder.info.splits:
     raise DataError(f"dataset {config.dataset.name} has no split {split!r}; it has "
                     f"{', '.join(builder.info.splits) or 'none'} (set dataset.eval_split)")
@@ -196,6 +197,12 @@ def _check_labels(batch: dict[str, np.ndarray], num_classes: int, ignore_label: 
                     f"{ignore_label} in examples {ids}")
 
 
+def check_eval_split(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
+  """DataError now (before training) if dataset.eval_split is missing or has no eval canvas."""
+  check_split(config, builder, config.dataset.eval_split)
+  eval_canvas(config, builder, config.dataset.eval_split)
+
+
 def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict) -> Iterator[dict]:
   for batch in tfds.as_numpy(ds.with_options(_input_options())):
     _check_labels(batch, config.dataset.num_classes, config.dataset.ignore_label)
@@ -209,7 +216,7 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   from seg_jax import parallel
   d = config.dataset
   host_batch = parallel.per_host_batch_size(config.batch_size)
-  _check_split(config, builder, "train")
+  check_split(config, builder, "train")
   ds = builder.as_dataset(split=tfds.split_for_jax_process("train"), shuffle_files=False)
   ds = ds.map(_decoder(config), num_parallel_calls=tf.data.AUTOTUNE)
   if d.cache:
@@ -249,7 +256,7 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   """
   from seg_jax import parallel
   d = config.dataset
-  _check_split(config, builder, split)
+  check_split(config, builder, split)
   host_batch = parallel.per_host_batch_size(config.batch_size)
   num_batches = num_eval_batches(config, builder, split)
   canvas = eval_canvas(config, builder, split)

@@ -248,23 +248,6 @@ def _list_ade20k_layout(root: str, problems: list[str]):
 
 # ---------------------------------------------------------------------------- reading
 
-def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
-  """[H, W, C] -> [H, W, channels]: grey promoted to RGB, RGB reduced to grey luma.
-
-  0 or an equal count leaves the image unchanged. The caller has checked that
-  the conversion is one of these.
-  """
-  have = image.shape[-1]
-  if channels in (0, have):
-    return image
-  if have == 1 and channels == 3:
-    return np.repeat(image, 3, axis=-1)
-  if have == 3 and channels == 1:
-    luma = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    return np.round(luma).astype(image.dtype)[..., None]
-  raise ValueError(f"cannot convert {have} channels to {channels}")
-
-
 def _convertible(have: int, want: int) -> bool:
   return want in (0, have) or (have, want) in ((1, 3), (3, 1))
 
@@ -371,20 +354,19 @@ def scan_folder(root: str, *, num_classes: int, ignore_label: int, channels: int
   if layout == "ade20k":
     splits, names, pairs = _list_ade20k_layout(root, problems)
   else:
-    splits, names, pairs = _list_folder_layout(root, problems, split_seed=split_seed,
-                                        validation_fraction=validation_fraction,
-                                        test_fraction=test_fraction)
+    splits, names, pairs = _list_folder_layout(
+        root, problems, split_seed=split_seed, validation_fraction=validation_fraction,
+        test_fraction=test_fraction)
   if names is not None and len(names) != num_classes:
     problems.append(f"{os.path.join(root, 'classes.txt')}: {len(names)} class names but "
                     f"dataset.num_classes={num_classes}")
-  # Every pair is checked, also those that no split file names.
-  examples = pairs
+  # Every pair is checked, also those that no split file names. Decoding releases the GIL.
   with concurrent.futures.ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-    reports = dict(zip(examples, zip(examples.values(), pool.map(_check_pair, examples.values()))))
-  for example, report in reports.values():
+    reports = dict(zip(pairs, zip(pairs.values(), pool.map(_check_pair, pairs.values()))))
+  for _, report in reports.values():
     problems.extend(report.problems)
   labels = {stem: r.labels for stem, (_, r) in reports.items() if r.labels is not None}
-  masks = {stem: e.mask for stem, e in examples.items()}
+  masks = {stem: e.mask for stem, e in pairs.items()}
   if raw_num_classes is not None:
     problems.extend(label_problems(labels, masks, num_classes=raw_num_classes, ignore_label=None))
   else:
@@ -443,7 +425,7 @@ def cache_name(root: str, options: dict[str, Any]) -> str:
 @dataclasses.dataclass(eq=False)
 class FolderConfig(tfds.core.BuilderConfig):
   """What `SegFolder` writes: the checked examples of each split and how to store them."""
-  scan: FolderScan | None = None
+  scan: FolderScan | None = dataclasses.field(default=None, repr=False)  # TFDS logs the repr
 
 
 class SegFolder(tfds.core.GeneratorBasedBuilder):
@@ -489,7 +471,8 @@ class SegFolder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, examples: list[Example]) -> Iterator[tuple[str, dict]]:
     scan = self.builder_config.scan
     for example in examples:
-      image = convert_channels(image_io.read_image(example.image), scan.channels)
+      image = image_io.convert_channels(image_io.read_image(example.image), scan.channels,
+                                       path=example.image)
       mask = image_io.read_label(example.mask).astype(scan.mask_dtype)
       yield example.stem, {"image": to_stored_dtype(image, scan.image_dtype),
                            "mask": mask[..., None], "id": example.stem}
