@@ -263,6 +263,9 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   decode = _decoder(config)
   ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
 
+  # No Python control flow on tensors here (pad_to_canvas uses tf.cond), so AutoGraph,
+  # which cannot convert this closure and warns, is not needed.
+  @tf.autograph.experimental.do_not_convert
   def prepare(example):
     example = decode(example)
     image, mask = transforms.eval_view(example["image"], example["mask"], canvas=canvas,
