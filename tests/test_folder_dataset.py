@@ -1,6 +1,7 @@
 """Folder dataset: every accepted format read back exactly, every bad file reported at once, caching, batches."""
 
 import os
+import re
 import struct
 import zlib
 
@@ -353,3 +354,21 @@ def test_grey_16bit_folder_builds_a_one_channel_model_and_evaluates(tmp_path):
   assert visuals["image"].shape[-1] == 1 and visuals["valid"].sum() == 2
   assert 0 <= scores["pixel_accuracy"] <= 1
   trainer.checkpoints.close()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("root", "", "dataset.root='': dataset.name='folder' needs the data folder"),
+    ("validation_fraction", 0.7, "sum < 1"),
+    ("eval_size", (64, 0), "must be (0, 0)"),
+    ("eval_size", (64, 70), "divisible by 2**model.depth=4"),
+    ("channels", -1, "integer >= 0"),
+])
+def test_config_checks_the_dataset_keys(key, value, message):
+  from seg_jax import config as config_lib
+  c = _folder_config("/some/folder", "")
+  c.dataset.test_fraction = 0.4
+  c.dataset.validation_fraction = 0.1
+  config_lib.validate(c)
+  c.dataset[key] = value
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    config_lib.validate(c)
