@@ -54,11 +54,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.seed = 0                # shapes: which scenes are generated (fixed across training seeds)
   c.dataset.num_classes = 6         # including background (class 0)
   c.dataset.ignore_label = 255      # never counts in loss or metrics
-  c.dataset.image_size = 64         # shapes: generated size; training crop size
+  c.dataset.image_size = 64         # shapes: generated size; training crop size (all datasets)
   c.dataset.num_train = 2000        # shapes: examples per split
   c.dataset.num_validation = 200
   c.dataset.num_test = 200
   c.dataset.eval_split = "validation"
+  # folder: DIR with images/ and masks/ (paired by file stem), optional splits/ and classes.txt.
+  # ade20k: the extracted ADEChallengeData2016/ folder.
+  c.dataset.root = ""
+  c.dataset.channels = 0            # folder: input channels; 0 = infer (all images must agree),
+                                    # 3 = grey promoted to RGB, 1 = RGB converted to grey
+  c.dataset.split_seed = 0          # folder without splits/: seed of the split by fraction
+  c.dataset.validation_fraction = 0.1  # folder without splits/: share of images per split
+  c.dataset.test_fraction = 0.0
+  c.dataset.resize = 0              # 0 = native size; else the shorter side is resized to this
+                                    # (train and eval) before cropping / padding
+  # Eval batches images of different sizes by padding each (ignore label) to one canvas per split:
+  # (0, 0) = the split's largest (resized) height and width rounded up to eval_pad_multiple;
+  # (H, W) = a fixed canvas; larger images are downscaled to fit it (aspect kept).
+  c.dataset.eval_size = (0, 0)
+  c.dataset.eval_pad_multiple = 32
+  c.dataset.download = False        # TFDS datasets (oxford_iiit_pet, cityscapes): prepare if absent
+  c.dataset.manual_dir = ""         # cityscapes: folder with the manually downloaded zips
   c.dataset.shuffle_buffer = 2000
   c.dataset.cache = True            # cache decoded examples in memory
   c.dataset.augment = ml_collections.ConfigDict()
@@ -66,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.augment.vflip = True
   c.dataset.augment.min_scale = 0.75   # random scale-and-crop: scale factor range
   c.dataset.augment.max_scale = 1.25
-  c.dataset.augment.brightness = 0.15  # colour jitter magnitudes (0 = off)
+  c.dataset.augment.brightness = 0.15  # colour jitter magnitudes (0 = off); 3-channel images only
   c.dataset.augment.contrast = 0.2
   c.dataset.augment.saturation = 0.2
   c.dataset.augment.hue = 0.03
@@ -191,6 +208,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   lo, hi = config.dataset.augment.min_scale, config.dataset.augment.max_scale
   if not 0 < lo <= hi:
     _fail("dataset.augment.min_scale", lo, f"must satisfy 0 < min_scale <= max_scale={hi}")
+  _validate_dataset(config)
   if not 0 <= config.dataset.ignore_label or 0 <= config.dataset.ignore_label < config.dataset.num_classes:
     _fail("dataset.ignore_label", config.dataset.ignore_label,
           f"must be >= 0 and outside [0, num_classes={config.dataset.num_classes})")
@@ -204,6 +222,36 @@ def schema_default(key: str) -> Any:
     raise ConfigError(f"config.{key}: unknown config key" +
                       (f" (did you mean {close[0]}?)" if close else ""))
   return known[key]
+
+
+def _validate_dataset(config: ml_collections.ConfigDict) -> None:
+  """Keys of the folder and TFDS datasets: roots, channels, split fractions, eval canvas."""
+  d = config.dataset
+  if d.name in ("folder", "ade20k") and not d.root:
+    _fail("dataset.root", d.root, f"dataset.name={d.name!r} needs the data folder")
+  from seg_jax.data import standard
+  if d.name in standard.DATASETS and d.num_classes not in standard.DATASETS[d.name].num_classes:
+    _fail("dataset.num_classes", d.num_classes, f"{d.name} has "
+          f"{' or '.join(map(str, standard.DATASETS[d.name].num_classes))} classes")
+  for key in ("channels", "resize", "split_seed"):
+    value = d[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      _fail(f"dataset.{key}", value, "must be an integer >= 0")
+  fractions = (d.validation_fraction, d.test_fraction)
+  if any(not 0 <= f < 1 for f in fractions) or sum(fractions) >= 1:
+    _fail("dataset.validation_fraction", d.validation_fraction,
+          f"validation_fraction and test_fraction={d.test_fraction} must be in [0, 1) with a sum < 1")
+  multiple = d.eval_pad_multiple
+  if not isinstance(multiple, int) or multiple <= 0 or multiple % (2 ** config.model.depth):
+    _fail("dataset.eval_pad_multiple", multiple,
+          f"must be a positive multiple of 2**model.depth={2 ** config.model.depth}")
+  size = tuple(d.eval_size) if isinstance(d.eval_size, (tuple, list)) else None
+  if (size is None or len(size) != 2 or any(not isinstance(v, int) or v < 0 for v in size)
+      or (0 in size and size != (0, 0))):
+    _fail("dataset.eval_size", d.eval_size, "must be (0, 0) (automatic) or (height, width) > 0")
+  if size != (0, 0) and any(v % (2 ** config.model.depth) for v in size):
+    _fail("dataset.eval_size", d.eval_size,
+          f"height and width must be divisible by 2**model.depth={2 ** config.model.depth}")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:

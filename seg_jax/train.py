@@ -103,12 +103,16 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
 # ---------------------------------------------------------------------------- state
 
 def create_train_state(config, model: nn.Module, tx: optax.GradientTransformation,
-                       mesh) -> TrainState:
-  """Initialises parameters on device, replicated over the mesh."""
+                       mesh, *, channels: int = 3) -> TrainState:
+  """Initialises parameters on device, replicated over the mesh.
+
+  `channels`: input channels of the dataset's images (the model infers its
+  input channels from the dummy input).
+  """
   size = config.dataset.image_size
 
   def init(key):
-    variables = model.init(key, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    variables = model.init(key, jnp.zeros((1, size, size, channels), jnp.float32), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
@@ -202,6 +206,8 @@ class Trainer:
     self.model = registry.build_model(config)
     self.tx, self.schedule = make_optimizer(config)
     self.builder, self.class_names = pipeline.prepare_dataset(config)
+    self.channels = pipeline.image_channels(config, self.builder)
+    pipeline.check_eval_split(config, self.builder)  # fail now, not at the first eval
     replicated = parallel.replicated(self.mesh)
     data = parallel.batch_sharding(self.mesh)
     self.train_step = jax.jit(
@@ -225,7 +231,8 @@ class Trainer:
     before it, with a warning; if none loads, nothing is overwritten and the
     error says why.
     """
-    create = lambda: create_train_state(self.config, self.model, self.tx, self.mesh)
+    create = lambda: create_train_state(self.config, self.model, self.tx, self.mesh,
+                                        channels=self.channels)
     steps = sorted(self.checkpoints.all_steps(), reverse=True)
     if not steps:
       return create()

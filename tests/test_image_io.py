@@ -124,3 +124,17 @@ def test_rgb_label_refused(tmp_path):
   path = _save(tmp_path / "rgb_mask.png", np.zeros((4, 4, 3), np.uint8))
   with pytest.raises(image_io.ImageError, match="rgb_mask.png: label images must be single-channel"):
     image_io.read_label(path)
+
+
+def test_convert_channels_promotes_grey_and_reduces_rgb_like_pil(tmp_path):
+  rng = np.random.default_rng(3)
+  rgb = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+  grey = image_io.convert_channels(rgb, 1)
+  pil_grey = np.asarray(Image.fromarray(rgb).convert("L"))
+  assert grey.shape == (6, 9, 1) and grey.dtype == np.uint8
+  assert np.abs(grey[..., 0].astype(int) - pil_grey).max() <= 1  # PIL rounds in fixed point
+  g16 = rng.integers(0, 65536, (4, 5, 1), dtype=np.uint16)
+  np.testing.assert_array_equal(image_io.convert_channels(g16, 3), np.concatenate([g16] * 3, -1))
+  assert image_io.convert_channels(rgb, 0) is rgb and image_io.convert_channels(rgb, 3) is rgb
+  with pytest.raises(image_io.ImageError, match="bands.tif: 5 channels cannot be converted to 3"):
+    image_io.convert_channels(np.zeros((2, 2, 5), np.uint16), 3, path="bands.tif")

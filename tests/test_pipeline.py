@@ -30,7 +30,7 @@ def test_eval_visits_every_example_exactly_once(config, builder):
   masks = np.concatenate([b["mask"] for b in batches])
   assert (masks[~valid] == config.dataset.ignore_label).all()
   # Independent read of the split with TFDS, normalised by hand.
-  expected = [(ex["image"].astype(np.float32) / 127.5 - 1.0, ex["mask"][..., 0])
+  expected = [(ex["image"].astype(np.float32) / 255.0 * 2.0 - 1.0, ex["mask"][..., 0])
               for ex in tfds.as_numpy(builder.as_dataset(split="validation"))]
   assert sorted(_digest(i) for i in images[valid]) == sorted(_digest(i) for i, _ in expected)
   by_image = {_digest(i): m for i, m in expected}

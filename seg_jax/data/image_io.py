@@ -11,7 +11,10 @@ Host-side only. Used by the folder dataset builder and by `--mode=predict`.
   PNG/TIFF (8 or 16 bit) holds the ids; a palette PNG holds them as palette
   indices (its colours are ignored). An RGB label image is refused: colours
   are not class ids.
-- `to_unit_range(image)` scales 8/16-bit values to [0, 1].
+- `convert_channels(image, channels)` promotes grey to RGB or reduces RGB to
+  grey, as the folder dataset stores images (predict must do the same).
+- `to_unit_range(image)` scales 8/16-bit values to [0, 1]; the model's input
+  is `to_unit_range(image) * 2 - 1` (the pipeline computes the same in TF).
 
 Every failure raises `ImageError` naming the file: empty file, truncated or
 undecodable data, a non-image with an image extension, a header announcing
@@ -165,3 +168,21 @@ def read_label(path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
 def to_unit_range(image: np.ndarray) -> np.ndarray:
   """uint8/uint16 -> float32 in [0, 1] (by the type's range, not the image's)."""
   return image.astype(np.float32) / float(np.iinfo(image.dtype).max)
+
+
+def convert_channels(image: np.ndarray, channels: int, *, path: str = "image") -> np.ndarray:
+  """[H, W, C] -> [H, W, channels]: grey promoted to RGB, RGB reduced to grey.
+
+  Grey -> RGB replicates; RGB -> grey is ITU-R 601-2 luma (as PIL's mode 'L'),
+  rounded, in the image's own dtype. 0 or an equal count leaves the image
+  unchanged; any other conversion raises ImageError naming `path`.
+  """
+  have = image.shape[-1]
+  if channels in (0, have):
+    return image
+  if have == 1 and channels == 3:
+    return np.repeat(image, 3, axis=-1)
+  if have == 3 and channels == 1:
+    luma = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return np.round(luma).astype(image.dtype)[..., None]
+  _fail(path, f"{have} channels cannot be converted to {channels} (only grey <-> RGB)")

@@ -11,6 +11,15 @@ step, with per-example stateless augmentation seeds; each process keeps its
 rows of every global batch. Each process evaluates its own shard of the eval
 split (`tfds.split_for_jax_process`); metrics are sums, so any sharding gives
 the same totals.
+
+Images may differ in size (folder and standard datasets). Training takes
+random scale-and-crops of `dataset.image_size` (padded with the ignore label
+where an image is smaller). Eval keeps every image at its native (or
+`dataset.resize`d) resolution and pads it onto one fixed canvas per split
+(`eval_canvas`), so that eval batches have static shapes and metrics count
+exactly the image's own pixels. The canvas is the split's largest image: for
+very large images (whole slides, satellite scenes) use `--mode=predict`,
+which tiles, or set `dataset.resize` / `dataset.eval_size`.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from seg_jax.data import standard
 from seg_jax.data import transforms
 from seg_jax.data.errors import DataError
 
@@ -57,8 +67,44 @@ def _shapes(config: ml_collections.ConfigDict, data_dir: str | None):
   return shapes.prepare(builder), list(shapes.CLASS_NAMES)
 
 
+def _folder(config: ml_collections.ConfigDict, data_dir: str | None):
+  from seg_jax.data.builders import folder
+  d = config.dataset
+  return folder.prepare_folder(
+      d.root, data_dir=data_dir, num_classes=d.num_classes, ignore_label=d.ignore_label,
+      channels=d.channels, split_seed=d.split_seed, validation_fraction=d.validation_fraction,
+      test_fraction=d.test_fraction)
+
+
+def _ade20k(config: ml_collections.ConfigDict, data_dir: str | None):
+  from seg_jax.data.builders import folder
+  builder, _ = folder.prepare_folder(
+      config.dataset.root, data_dir=data_dir, num_classes=config.dataset.num_classes,
+      ignore_label=config.dataset.ignore_label, channels=3, layout="ade20k",
+      raw_num_classes=standard.ADE20K_RAW_CLASSES)
+  return builder, standard.class_names("ade20k", config.dataset.num_classes)
+
+
+def _tfds_dataset(config: ml_collections.ConfigDict, data_dir: str | None):
+  """A dataset of the TFDS catalogue, prepared in data_dir (only when dataset.download is set)."""
+  d = config.dataset
+  spec = standard.DATASETS[d.name]
+  builder = tfds.builder(spec.source, data_dir=data_dir)
+  if not builder.is_prepared():
+    if not d.download:
+      raise DataError(f"{spec.source} is not prepared in {builder.data_dir}: {spec.how_to_get}")
+    manual = os.path.expanduser(d.manual_dir) if d.manual_dir else None
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=manual, try_download_gcs=False))
+    except AssertionError as e:  # TFDS: manual files missing
+      raise DataError(f"{spec.source}: {' '.join(str(e).split())}; {spec.how_to_get}") from None
+  return builder, standard.class_names(d.name, d.num_classes)
+
+
 # dataset.name -> (config, data_dir) -> (prepared TFDS builder, class names)
-DATASETS = {"shapes": _shapes}
+DATASETS = {"shapes": _shapes, "folder": _folder, "oxford_iiit_pet": _tfds_dataset,
+            "cityscapes": _tfds_dataset, "ade20k": _ade20k}
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -74,9 +120,70 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> tuple[tfds.core.Datase
   return DATASETS[config.dataset.name](config, data_dir)
 
 
-def _decode(example):
-  return {"image": example["image"], "mask": tf.cast(example["mask"][..., 0], tf.int32),
-          "id": example["id"]}
+def _feature_keys(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
+  """(image, mask, id) feature names of the stored examples."""
+  spec = standard.DATASETS.get(config.dataset.name)
+  return (spec.image_key, spec.mask_key, spec.id_key) if spec else ("image", "mask", "id")
+
+
+def image_channels(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> int:
+  """Channels of the images the model sees (the model infers its input channels at init)."""
+  return int(builder.info.features[_feature_keys(config)[0]].shape[-1])
+
+
+def _decoder(config: ml_collections.ConfigDict):
+  """Stored example -> {'image': uint8/uint16 [H, W, C], 'mask': int32 [H, W] class ids, 'id'}."""
+  image_key, mask_key, id_key = _feature_keys(config)
+  table = None
+  if config.dataset.name in standard.DATASETS:
+    table = standard.label_table(config.dataset.name, config.dataset.num_classes,
+                                 config.dataset.ignore_label)
+
+  def decode(example):
+    mask = tf.cast(example[mask_key][..., 0], tf.int32)
+    if table is not None:
+      mask = tf.gather(tf.constant(table), mask)
+    return {"image": example[image_key], "mask": mask, "id": example[id_key]}
+
+  return decode
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def eval_canvas(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                split: str) -> tuple[int, int]:
+  """(H, W) onto which every eval image of `split` is padded (see transforms.pad_to_canvas).
+
+  dataset.eval_size if set; else the largest (resized) height and width of the
+  split's images, rounded up to dataset.eval_pad_multiple, from the feature
+  shape (fixed-size datasets) or the sizes stored with a folder dataset.
+  """
+  d = config.dataset
+  if tuple(d.eval_size) != (0, 0):
+    return tuple(int(v) for v in d.eval_size)
+  shape = builder.info.features[_feature_keys(config)[0]].shape[:2]
+  if None not in shape:
+    sizes = [shape]
+  elif "sizes" in builder.info.metadata:
+    meta = builder.info.metadata
+    sizes = [meta["sizes"][stem] for stem in meta["splits"][split]]
+  else:
+    raise DataError(f"dataset {d.name} has images of different sizes and no stored sizes; set "
+                    "dataset.eval_size=(H, W), the canvas eval images are padded to")
+  if d.resize:
+    sizes = [transforms.resized_shape(int(h), int(w), d.resize) for h, w in sizes]
+  return (_round_up(max(int(h) for h, _ in sizes), d.eval_pad_multiple),
+          _round_up(max(int(w) for _, w in sizes), d.eval_pad_multiple))
+
+
+def check_split(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                split: str) -> None:
+  """DataError unless the dataset has `split` (checked before training starts)."""
+  if split not in builder.info.splits:
+    raise DataError(f"dataset {config.dataset.name} has no split {split!r}; it has "
+                    f"{', '.join(builder.info.splits) or 'none'} (set dataset.eval_split)")
 
 
 def _check_labels(batch: dict[str, np.ndarray], num_classes: int, ignore_label: int):
@@ -90,6 +197,12 @@ def _check_labels(batch: dict[str, np.ndarray], num_classes: int, ignore_label: 
     values = np.unique(mask[bad])[:10].tolist()
     raise DataError(f"mask values {values} outside [0, {num_classes}) and not ignore_label="
                     f"{ignore_label} in examples {ids}")
+
+
+def check_eval_split(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
+  """DataError now (before training) if dataset.eval_split is missing or has no eval canvas."""
+  check_split(config, builder, config.dataset.eval_split)
+  eval_canvas(config, builder, config.dataset.eval_split)
 
 
 def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict) -> Iterator[dict]:
@@ -109,8 +222,9 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   # global batch, so the batches (and training) are the same for any number of
   # processes. The price: each process reads (and caches) the whole split, and
   # augments only its own rows.
+  check_split(config, builder, "train")
   ds = builder.as_dataset(split="train", shuffle_files=False)
-  ds = ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(_decoder(config), num_parallel_calls=tf.data.AUTOTUNE)
   if d.cache:
     ds = ds.cache()
   stream_seed = config.seed * 1_000_003
@@ -124,7 +238,7 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
     seed = tf.stack([tf.constant(stream_seed, tf.int64), index])
     image, mask = transforms.train_augment(
         example["image"], example["mask"], seed, aug=d.augment, size=d.image_size,
-        ignore_label=d.ignore_label)
+        ignore_label=d.ignore_label, resize=d.resize)
     return {"image": image, "mask": mask, "id": example["id"]}
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -150,14 +264,21 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   """
   from seg_jax import parallel
   d = config.dataset
+  check_split(config, builder, split)
   host_batch = parallel.per_host_batch_size(config.batch_size)
   num_batches = num_eval_batches(config, builder, split)
+  canvas = eval_canvas(config, builder, split)
+  decode = _decoder(config)
   ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
 
+  # No Python control flow on tensors here (pad_to_canvas uses tf.cond), so AutoGraph,
+  # which cannot convert this closure and warns, is not needed.
+  @tf.autograph.experimental.do_not_convert
   def prepare(example):
-    example = _decode(example)
-    return {"image": transforms.normalize_image(example["image"]), "mask": example["mask"],
-            "valid": tf.constant(True), "id": example["id"]}
+    example = decode(example)
+    image, mask = transforms.eval_view(example["image"], example["mask"], canvas=canvas,
+                                       ignore_label=d.ignore_label, resize=d.resize)
+    return {"image": image, "mask": mask, "valid": tf.constant(True), "id": example["id"]}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   padding = tf.data.Dataset.from_tensors({

@@ -1,5 +1,9 @@
 """Augmentations applied jointly to an image and its mask (TensorFlow, in tf.data).
 
+Images arrive as uint8 or uint16 of any size and leave as float32 in [-1, 1]
+(`to_unit_range(x) * 2 - 1`): training views are random crops of a fixed
+size, eval views are whole images padded onto a fixed canvas.
+
 All randomness is stateless: every example gets its own seed, so the augmented
 stream is a pure function of (config.seed, position in the stream).
 """
@@ -11,14 +15,78 @@ import numpy as np
 import tensorflow as tf
 
 
+def to_unit_range(image: tf.Tensor) -> tf.Tensor:
+  """uint8/uint16 -> float32 in [0, 1], by the type's range (as `image_io.to_unit_range`)."""
+  if image.dtype == tf.uint8 or image.dtype == tf.uint16:
+    return tf.cast(image, tf.float32) / float(image.dtype.max)
+  raise TypeError(f"expected a uint8 or uint16 image, got {image.dtype!r}")
+
+
 def normalize_image(image: tf.Tensor) -> tf.Tensor:
-  """Pixel values in [0, 255] (any dtype) -> float32 in [-1, 1]."""
-  return tf.cast(image, tf.float32) / 127.5 - 1.0
+  """uint8/uint16 pixels -> float32 in [-1, 1]: `to_unit_range(x) * 2 - 1`.
+
+  The same arithmetic as `image_io.to_unit_range(x) * 2 - 1` in numpy (inference),
+  so training, eval and prediction see bit-identical inputs.
+  """
+  return to_unit_range(image) * 2.0 - 1.0
 
 
 def denormalize_image(image: np.ndarray) -> np.ndarray:
-  """Inverse of `normalize_image` on the host: float [-1, 1] -> uint8."""
+  """Inverse of `normalize_image` on the host, for pictures: float [-1, 1] -> uint8."""
   return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def resized_shape(height, width, shorter_side: int):
+  """(height, width) with the shorter side = `shorter_side`, aspect kept, rounded half up.
+
+  Integer arithmetic, so that tf (in the pipeline) and Python ints (eval canvas
+  sizes computed on the host) give the same numbers. Works on both.
+  """
+  short = tf.minimum(height, width) if isinstance(height, tf.Tensor) else min(height, width)
+  return ((height * shorter_side + short // 2) // short,
+          (width * shorter_side + short // 2) // short)
+
+
+def resize_shorter_side(image, mask, shorter_side: int):
+  """Image bilinear, mask nearest, so that the shorter side is `shorter_side` (0 = unchanged)."""
+  if not shorter_side:
+    return image, mask
+  shape = tf.shape(mask, out_type=tf.int64)
+  new_h, new_w = resized_shape(shape[0], shape[1], shorter_side)
+  size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
+  image = tf.image.resize(image, size, method="bilinear")
+  mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
+  return image, mask
+
+
+def pad_to_canvas(image, mask, canvas: tuple[int, int], *, ignore_label: int):
+  """Fits an eval example onto a fixed `canvas` (H, W): downscale if larger, then pad.
+
+  An image larger than the canvas in either side is first downscaled (aspect
+  kept; image bilinear, mask nearest) so that it fits. Padding goes to the
+  bottom and right: zeros in the image (black, as the training crops pad) and
+  `ignore_label` in the mask, so padded pixels never count in metrics.
+  Returns float image [H, W, C] and int32 mask [H, W] of static shape.
+  """
+  ch, cw = canvas
+  shape = tf.shape(mask, out_type=tf.int64)
+  h, w = shape[0], shape[1]
+  too_big = tf.logical_or(h > ch, w > cw)
+  # Height-limited if h/w >= ch/cw; integer products avoid float ties.
+  height_limited = h * cw >= w * ch
+  fit_h = tf.where(height_limited, tf.constant(ch, tf.int64), tf.maximum(h * cw // w, 1))
+  fit_w = tf.where(height_limited, tf.maximum(w * ch // h, 1), tf.constant(cw, tf.int64))
+  new_hw = tf.cast(tf.where(too_big, tf.stack([fit_h, fit_w]), tf.stack([h, w])), tf.int32)
+  image = tf.cond(too_big, lambda: tf.image.resize(image, new_hw, method="bilinear"),
+                  lambda: tf.cast(image, tf.float32))
+  mask = tf.cond(too_big,
+                 lambda: tf.image.resize(mask[..., None], new_hw, method="nearest")[..., 0],
+                 lambda: mask)
+  pad_h, pad_w = ch - new_hw[0], cw - new_hw[1]
+  image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
+  mask = tf.pad(tf.cast(mask, tf.int32) - ignore_label, [[0, pad_h], [0, pad_w]]) + ignore_label
+  channels = image.shape[-1]
+  return tf.ensure_shape(image, [ch, cw, channels]), tf.ensure_shape(mask, [ch, cw])
 
 
 def random_scale_crop(image, mask, seed, *, size: int, min_scale: float, max_scale: float,
@@ -67,29 +135,53 @@ def random_flips(image, mask, seed, *, horizontal: bool, vertical: bool):
 
 def color_jitter(image, seed, *, brightness: float, contrast: float, saturation: float,
                  hue: float):
-  """Photometric jitter of a float image in [0, 255]; the mask is unaffected."""
+  """Photometric jitter of a float RGB image in [0, 1]; the mask is unaffected.
+
+  Only 3-channel images are jittered: for grey or multi-band images the
+  photometric meaning of these operations is unclear, so they pass unchanged.
+  """
+  if image.shape[-1] != 3:
+    return image
   seeds = tf.random.experimental.stateless_split(seed, 4)
-  x = image / 255.0
+  x = image
   if brightness:
     x = tf.image.stateless_random_brightness(x, brightness, seeds[0])
   if contrast:
     x = tf.image.stateless_random_contrast(x, 1 - contrast, 1 + contrast, seeds[1])
-  if x.shape[-1] == 3:
-    if saturation:
-      x = tf.image.stateless_random_saturation(x, 1 - saturation, 1 + saturation, seeds[2])
-    if hue:
-      x = tf.image.stateless_random_hue(x, hue, seeds[3])
-  return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+  if saturation:
+    x = tf.image.stateless_random_saturation(x, 1 - saturation, 1 + saturation, seeds[2])
+  if hue:
+    x = tf.image.stateless_random_hue(x, hue, seeds[3])
+  return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def train_augment(image_uint8, mask, seed, *, aug: ml_collections.ConfigDict, size: int,
-                  ignore_label: int):
-  """Joint scale-crop and flips of image+mask, then colour jitter; returns (float image, int32 mask)."""
+def train_augment(image, mask, seed, *, aug: ml_collections.ConfigDict, size: int,
+                  ignore_label: int, resize: int = 0):
+  """Training view of one example: returns (float32 image [size, size, C] in [-1, 1], int32 mask).
+
+  `image` is uint8 or uint16 [H, W, C] of any size. Optional resize of the
+  shorter side, then joint random scale-and-crop (padding with ignore_label
+  where the scaled image is smaller than the crop) and flips, then colour
+  jitter (RGB only), then the same normalisation as eval.
+  """
   seeds = tf.random.experimental.stateless_split(seed, 3)
-  image = tf.cast(image_uint8, tf.float32)
+  image = to_unit_range(image)
+  image, mask = resize_shorter_side(image, mask, resize)
   image, mask = random_scale_crop(image, mask, seeds[0], size=size, min_scale=aug.min_scale,
                                   max_scale=aug.max_scale, ignore_label=ignore_label)
   image, mask = random_flips(image, mask, seeds[1], horizontal=aug.hflip, vertical=aug.vflip)
   image = color_jitter(image, seeds[2], brightness=aug.brightness, contrast=aug.contrast,
                        saturation=aug.saturation, hue=aug.hue)
-  return normalize_image(image), mask
+  return image * 2.0 - 1.0, mask
+
+
+def eval_view(image, mask, *, canvas: tuple[int, int], ignore_label: int, resize: int = 0):
+  """Eval view of one example: (float32 image [H, W, C] in [-1, 1], int32 mask [H, W]).
+
+  Optional resize of the shorter side, then `pad_to_canvas`; padding is black
+  (-1) like the training crops' padding, and `ignore_label` in the mask.
+  """
+  image = to_unit_range(image)
+  image, mask = resize_shorter_side(image, mask, resize)
+  image, mask = pad_to_canvas(image, mask, canvas, ignore_label=ignore_label)
+  return image * 2.0 - 1.0, mask
