@@ -1,6 +1,8 @@
 """seg_jax entry point.
 
   python main.py --config=configs/unet.py --workdir=runs/unet [--config.key=value ...] [--mode=train|eval]
+  python main.py --config=configs/unet.py --workdir=runs/unet --mode=predict \
+      --config.predict.input='images/*.png' [--config.predict.output=OUT]
 
 User errors (unknown config key, bad value, bad data, NaN loss) end with a
 one-line message on stderr and a non-zero exit code, not a traceback.
@@ -28,7 +30,8 @@ from seg_jax import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/unet.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes automatically) or eval.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                          "train (resumes automatically), eval, or predict (config.predict.*).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -63,13 +66,18 @@ def main(argv):
                jax.devices()[0].platform, jax.process_count())
 
   # Imported after flag parsing so that `--help` and config errors are instant.
+  from seg_jax import predict
   from seg_jax import train
   from seg_jax.data import pipeline
   try:
     if _MODE.value == "train":
       train.train_and_evaluate(config, _WORKDIR.value)
-    else:
+    elif _MODE.value == "eval":
       train.evaluate(config, _WORKDIR.value)
+    else:
+      predict.run(config, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
   except (pipeline.DataError, train.NonFiniteError, FileNotFoundError) as e:
     _fail(str(e), code=1)
 
