@@ -29,6 +29,7 @@ so the command ends with a non-zero exit status.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
@@ -139,10 +140,12 @@ def predict_image(image: np.ndarray, tile_fn: Callable[[np.ndarray], np.ndarray]
   plan = tiling.plan_tiles(height, width, tile_size, overlap)
   blender = tiling.RowBandBlender(plan, num_classes)
   positions = list(plan.positions())
-  batch = np.zeros((batch_size, tile_size, tile_size, channels), np.float32)
   in_flight = None
   for start in range(0, len(positions), batch_size):
     chunk = positions[start:start + batch_size]
+    # A fresh buffer per call: on CPU the device may use the numpy memory in place
+    # while the host already fills the next batch.
+    batch = np.zeros((batch_size, tile_size, tile_size, channels), np.float32)
     for i, (y, x) in enumerate(chunk):
       batch[i] = normalize_tile(tiling.extract_tile(image, y, x, tile_size))
     result = tile_fn(batch)  # asynchronous: the device runs while the host blends below
@@ -198,7 +201,9 @@ def write_outputs(image: np.ndarray, bands: Iterator[tuple[int, np.ndarray]], *,
   """Consumes the probability bands of one image and writes its files; returns pixels per class.
 
   Label and overlay images are filled as rows finish (O(H x W), no class
-  axis); the probabilities go straight into a memory-mapped .npy. Files are
+  axis). The probabilities are appended to the .npy file band by band, so
+  they are never held whole (a memory map would do the same, but its dirty
+  pages count as the process's resident memory until written back). Files are
   written under temporary names and renamed when complete, so an
   interrupted run never leaves a truncated output behind a final name.
   """
@@ -209,28 +214,31 @@ def write_outputs(image: np.ndarray, bands: Iterator[tuple[int, np.ndarray]], *,
   counts = np.zeros(num_classes, np.int64)
   paths = {kind: os.path.join(out_dir, f"{stem}_{kind}") for kind in ("label.png", "overlay.png",
                                                                         "probs.npy")}
-  probabilities = None
-  if save_probabilities:
-    probabilities = np.lib.format.open_memmap(paths["probs.npy"] + ".partial", mode="w+",
-                                              dtype=np.float16, shape=(height, width, num_classes))
-  rows_done = 0
-  for first, band in bands:
-    rows = slice(first, first + len(band))
-    band_labels = band.argmax(axis=-1)
-    labels[rows] = band_labels
-    counts += np.bincount(band_labels.ravel(), minlength=num_classes)
-    overlay[rows] = visualize.overlay(_display_rows(image[rows], value_range), band_labels,
-                                      num_classes, ignore_label=ignore_label)
-    if probabilities is not None:
-      probabilities[rows] = band
-    rows_done += len(band)
-  if rows_done != height:
-    raise RuntimeError(f"{stem}: blending produced {rows_done} of {height} rows")
+  probs_path = paths["probs.npy"] + ".partial"
+  with contextlib.ExitStack() as cleanup:
+    probs_file = None
+    if save_probabilities:
+      probs_file = cleanup.enter_context(open(probs_path, "wb"))
+      np.lib.format.write_array_header_1_0(probs_file, {
+          "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+          "shape": (height, width, num_classes)})
+    rows_done = 0
+    for first, band in bands:
+      rows = slice(first, first + len(band))
+      band_labels = band.argmax(axis=-1)
+      labels[rows] = band_labels
+      counts += np.bincount(band_labels.ravel(), minlength=num_classes)
+      overlay[rows] = visualize.overlay(_display_rows(image[rows], value_range), band_labels,
+                                        num_classes, ignore_label=ignore_label)
+      if probs_file is not None:
+        # Bands arrive top to bottom and rows are C-ordered: appending them fills the array.
+        band.astype(np.float16).tofile(probs_file)
+      rows_done += len(band)
+    if rows_done != height:
+      raise RuntimeError(f"{stem}: blending produced {rows_done} of {height} rows")
 
-  if probabilities is not None:
-    probabilities.flush()
-    del probabilities
-    os.replace(paths["probs.npy"] + ".partial", paths["probs.npy"])
+  if save_probabilities:
+    os.replace(probs_path, paths["probs.npy"])
   _save_png(paths["label.png"], labels)
   present = [c for c in range(num_classes) if counts[c]]
   entries = visualize.legend_entries(present, class_names, num_classes, ignore_label)
@@ -325,8 +333,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
       image = match_channels(image_io.read_image(path), channels, path)
     except DataError as e:
-      bar.write(f"warning: skipped {e}", file=sys.stderr)
-      skipped.append(str(e))
+      message = " ".join(str(e).split())
+      bar.write(f"warning: skipped {message}", file=sys.stderr)
+      skipped.append(message)
       continue
     bands = predict_image(
         image, tile_fn, num_classes=num_classes, tile_size=p.tile_size, overlap=p.overlap,
