@@ -86,7 +86,8 @@ def model_input_channels(model: nn.Module, variables: dict, tile_size: int) -> i
   """The number of image channels the model's parameters take (3 tried first).
 
   Found by tracing (no computation), so any model works without knowing where
-  its first convolution lives.
+  its first convolution lives. ConfigError if no channel count fits (then the
+  tile size is what the model cannot take).
   """
   errors = []
   for channels in (3, 1, 4, 2, *range(5, 17)):
@@ -97,8 +98,9 @@ def model_input_channels(model: nn.Module, variables: dict, tile_size: int) -> i
     except Exception as e:  # a shape mismatch, reported as various error types
       errors.append(e)
   first = " ".join(str(errors[0]).split())[:300]
-  raise ValueError(f"the model takes none of 1..16 input channels at {tile_size}x{tile_size} "
-                   f"tiles; with 3: {first}")
+  raise config_lib.ConfigError(
+      f"config.predict.tile_size={tile_size}: the model takes no {tile_size}x{tile_size} input "
+      f"with 1 to 16 channels (with 3: {first})")
 
 
 def make_tile_function(model: nn.Module, variables: dict, *, tta: str, batch_size: int,
