@@ -1,6 +1,8 @@
 """seg_jax entry point.
 
   python main.py --config=configs/unet.py --workdir=runs/unet [--config.key=value ...] [--mode=train|eval]
+  python main.py --config=configs/unet.py --workdir=runs/unet --mode=predict \
+      --config.predict.input='images/*.png' [--config.predict.output=OUT]
 
 Multi-host: the same command on every host, plus --distributed (or
 --coordinator_address/--num_processes/--process_id); see README "Running long jobs".
@@ -31,7 +33,8 @@ from seg_jax import config as config_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/unet.py.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes automatically) or eval.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                          "train (resumes automatically), eval, or predict (config.predict.*).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
     "Multi-host run: call jax.distributed.initialize(). On TPU pods, SLURM, Open MPI and "
@@ -80,6 +83,7 @@ def main(argv):
                jax.devices()[0].platform, jax.process_count())
 
   # Imported after flag parsing so that `--help` and config errors are instant.
+  from seg_jax import predict
   from seg_jax import train
   from seg_jax.data import pipeline
   try:
@@ -88,8 +92,12 @@ def main(argv):
       if "preempted_at_step" in scalars:
         print(f"stopped after step {int(scalars['preempted_at_step'])} on request; checkpoint "
               "saved; run the same command again to resume", file=sys.stderr)
-    else:
+    elif _MODE.value == "eval":
       train.evaluate(config, _WORKDIR.value)
+    else:
+      predict.run(config, _WORKDIR.value)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
   except (pipeline.DataError, train.NonFiniteError, train.WorkdirError, FileNotFoundError) as e:
     _fail(str(e), code=1)
 

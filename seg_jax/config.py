@@ -21,6 +21,7 @@ UPSAMPLINGS = ("transpose", "resize")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine", "polynomial")
 DTYPES = ("float32", "bfloat16")
+TTA_MODES = ("none", "hflip", "hvflip")
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -120,6 +121,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.end_learning_rate_factor = 0.0  # polynomial/cosine: final lr / peak lr
   c.optimizer.power = 0.9           # polynomial decay power ("poly" schedule of DeepLab)
   c.optimizer.grad_clip_norm = 0.0  # clip by global norm; 0 = off
+
+  # --mode=predict: segment image files with the newest checkpoint (seg_jax/predict.py).
+  c.predict = ml_collections.ConfigDict()
+  c.predict.input = ""              # image file, directory, or glob ('**' recurses)
+  c.predict.output = ""             # output directory; '' = WORKDIR/predictions
+  c.predict.tile_size = 256         # square tiles the model sees (sliding window), pixels
+  c.predict.overlap = 0.25          # fraction of a tile shared with its neighbour, in [0, 1)
+  c.predict.tta = "none"            # flip test-time augmentation: none | hflip | hvflip
+  c.predict.save_probabilities = False  # also write <stem>_probs.npy (float16 [H, W, classes])
+  c.predict.batch_size = 4          # tiles per device call (a multiple of the device count)
   return c
 
 
@@ -165,6 +176,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("optimizer.schedule", SCHEDULES)
   choice("dtype", DTYPES)
   choice("on_nonfinite", ON_NONFINITE)
+  choice("predict.tta", TTA_MODES)
   for key in ("batch_size", "num_train_steps", "log_every_steps", "eval_every_steps",
               "checkpoint_every_steps", "keep_checkpoints", "model.width", "model.depth",
               "dataset.num_classes", "dataset.image_size", "optimizer.learning_rate"):
@@ -184,6 +196,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.dataset.image_size % (2 ** config.model.depth):
     _fail("dataset.image_size", config.dataset.image_size,
           f"must be divisible by 2**model.depth={2 ** config.model.depth}")
+
+  for key in ("predict.tile_size", "predict.batch_size"):
+    value = _get(config, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      _fail(key, value, "must be a positive integer")
+  if config.predict.tile_size % (2 ** config.model.depth):
+    _fail("predict.tile_size", config.predict.tile_size,
+          f"must be divisible by 2**model.depth={2 ** config.model.depth}")
+  overlap = config.predict.overlap
+  if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+    _fail("predict.overlap", overlap, "must be a fraction of the tile size in [0, 1)")
+  if not isinstance(config.predict.save_probabilities, bool):
+    _fail("predict.save_probabilities", config.predict.save_probabilities, "must be True or False")
 
   if config.optimizer.warmup_steps >= config.num_train_steps:
     _fail("optimizer.warmup_steps", config.optimizer.warmup_steps,

@@ -125,7 +125,8 @@ def count_params(params) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
-def _variables(state: TrainState) -> dict:
+def model_variables(state: TrainState) -> dict:
+  """The variables `model.apply` takes: params, and batch-norm statistics if any."""
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
@@ -143,7 +144,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
 
   def loss_fn(params):
     logits, updates = model.apply(
-        {**_variables(state), "params": params}, batch["image"], train=True,
+        {**model_variables(state), "params": params}, batch["image"], train=True,
         mutable=["batch_stats"], rngs={"dropout": dropout_key})
     total, parts = losses.segmentation_loss(
         logits, batch["mask"], terms=terms, class_weights=_class_weights(config),
@@ -178,7 +179,7 @@ def _class_weights(config):
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
               config: ml_collections.ConfigDict) -> tuple[metrics.ConfusionMatrix, jax.Array]:
   """Confusion matrix of one global batch (padding excluded) and its predicted class ids."""
-  logits = model.apply(_variables(state), batch["image"], train=False)
+  logits = model.apply(model_variables(state), batch["image"], train=False)
   predictions = predict_classes(logits)
   num_classes = config.dataset.num_classes
   matrix = metrics.confusion_matrix(predictions, batch["mask"], num_classes=num_classes,
@@ -254,6 +255,12 @@ class Trainer:
     raise WorkdirError(f"no checkpoint in {self.checkpoints.directory} can be restored for this "
                        f"config (a different model or optimiser?); newest error: {failures[0]}")
 
+  def latest_checkpoint_state(self) -> TrainState:
+    """The newest checkpoint's state, for eval and predict; FileNotFoundError if there is none."""
+    if self.checkpoints.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {self.checkpoints.directory}; train first")
+    return self.initial_state()
+
   def evaluate(self, state: TrainState, split: str) -> tuple[dict, dict]:
     """Dataset-level scores over every example of `split`, and arrays for the visuals."""
     total = None
@@ -305,7 +312,8 @@ def _write_visuals(trainer: Trainer, writer, visuals: dict, step: int) -> None:
   grid = visualize.panels(
       transforms.denormalize_image(visuals["image"][keep]), visuals["mask"][keep],
       visuals["prediction"][keep], config.dataset.num_classes,
-      ignore_label=config.dataset.ignore_label, scale=max(1, 256 // config.dataset.image_size))
+      ignore_label=config.dataset.ignore_label, scale=max(1, 256 // config.dataset.image_size),
+      class_names=trainer.class_names)
   out_dir = os.path.join(trainer.workdir, "visuals")
   os.makedirs(out_dir, exist_ok=True)
   visualize.write_png(os.path.join(out_dir, f"eval_step_{step:06d}.png"), grid)
@@ -474,9 +482,7 @@ def _prepare_workdir(workdir: str) -> None:
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """--mode=eval: restores the latest checkpoint and prints the per-class table."""
   trainer = Trainer(config, workdir)
-  if trainer.checkpoints.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {trainer.checkpoints.directory}; train first")
-  state = trainer.initial_state()
+  state = trainer.latest_checkpoint_state()
   scores, _ = trainer.evaluate(state, config.dataset.eval_split)
   print(f"{config.dataset.name}/{config.dataset.eval_split} at step "
         f"{int(jax.device_get(state.step))}:\n{format_scores_table(scores, trainer.class_names)}")

@@ -1,24 +1,79 @@
-"""Host-side pictures: class palettes, mask overlays and image | truth | prediction panels."""
+"""Host-side pictures: class palettes, legends, mask overlays and image | truth | prediction panels.
+
+The palette must stay readable from 2 to 150+ classes: class 0 (background)
+is black, the ignore label is neutral grey, and every other class gets the
+next colour of a fixed sequence chosen by farthest-point sampling in CIELAB
+(each new colour is the sRGB colour perceptually farthest from all earlier
+ones, black, grey and white). The sequence does not depend on the number of
+classes, so class 3 has the same colour in every model; 150 classes stay at
+least ~15 CIELAB units (several just-noticeable differences) apart.
+
+Legends (class swatches + names) are drawn with PIL's built-in default font,
+so nothing is downloaded.
+"""
 
 from __future__ import annotations
 
-import colorsys
+import functools
+from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+BACKGROUND_COLOR = (0, 0, 0)
+IGNORE_COLOR = (128, 128, 128)
+_LEGEND_PAPER = (255, 255, 255)
+_LEGEND_INK = (0, 0, 0)
+_SWATCH_BORDER = (64, 64, 64)
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+  """uint8-range sRGB [N, 3] -> CIELAB [N, 3] (D65 white)."""
+  c = np.asarray(rgb, np.float64) / 255.0
+  linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+  to_xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
+                     [0.0193, 0.1192, 0.9505]])
+  xyz = linear @ to_xyz.T / np.array([0.95047, 1.0, 1.08883])
+  delta = 6 / 29
+  f = np.where(xyz > delta ** 3, np.cbrt(xyz), xyz / (3 * delta ** 2) + 4 / 29)
+  return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], -1)
+
+
+@functools.lru_cache(maxsize=1)
+def _candidate_colors() -> tuple[np.ndarray, np.ndarray]:
+  """A 16-level sRGB grid, without colours too dark to see on black or too pale."""
+  levels = np.round(np.linspace(0, 255, 16))
+  grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+  lab = _srgb_to_lab(grid)
+  keep = (lab[:, 0] >= 30) & (lab[:, 0] <= 90)
+  return grid[keep].astype(np.uint8), lab[keep]
+
+
+@functools.lru_cache(maxsize=8)
+def _class_color_sequence(count: int) -> np.ndarray:
+  """uint8 [count, 3]: the first `count` colours of the farthest-point sequence."""
+  colors, lab = _candidate_colors()
+  taken = _srgb_to_lab(np.array([BACKGROUND_COLOR, IGNORE_COLOR, (255, 255, 255)]))
+  distance = ((lab[:, None] - taken[None]) ** 2).sum(-1).min(axis=1)
+  order = []
+  for _ in range(min(count, len(colors))):
+    pick = int(np.argmax(distance))  # ties go to the lowest index: deterministic
+    order.append(pick)
+    distance = np.minimum(distance, ((lab - lab[pick]) ** 2).sum(-1))
+  sequence = colors[order]
+  # More classes than candidates (thousands): colours repeat.
+  return np.resize(sequence, (count, 3)) if count > len(sequence) else sequence
 
 
 def palette(num_classes: int, ignore_label: int = 255) -> np.ndarray:
-  """uint8 [max(num_classes, ignore_label + 1), 3]: black background, distinct hues, white ignore."""
+  """uint8 [max(num_classes, ignore_label + 1), 3]: black background, distinct classes, grey ignore."""
   size = max(num_classes, ignore_label + 1)
   colors = np.zeros((size, 3), np.uint8)
-  golden = 0.618033988749895  # golden-ratio hue steps keep neighbouring ids far apart
-  for c in range(1, num_classes):
-    hue = (c * golden) % 1.0
-    value = 1.0 if (c // 7) % 2 == 0 else 0.7  # alternate brightness for many classes
-    colors[c] = np.round(np.array(colorsys.hsv_to_rgb(hue, 0.85, value)) * 255)
-  if ignore_label < size:
-    colors[ignore_label] = 255
+  colors[0] = BACKGROUND_COLOR
+  if num_classes > 1:
+    colors[1:num_classes] = _class_color_sequence(num_classes - 1)
+  if 0 <= ignore_label < size:
+    colors[ignore_label] = IGNORE_COLOR
   return colors
 
 
@@ -28,10 +83,19 @@ def colorize(mask: np.ndarray, num_classes: int, ignore_label: int = 255) -> np.
   return colors[np.clip(mask, 0, len(colors) - 1)]
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, C] -> [H, W, 3]: grey repeated, extra bands dropped."""
+  if image.shape[-1] == 3:
+    return image
+  if image.shape[-1] < 3:
+    return np.repeat(image[..., :1], 3, axis=-1)
+  return image[..., :3]
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, num_classes: int, *, alpha: float = 0.5,
             ignore_label: int = 255) -> np.ndarray:
-  """Blends class colours over a uint8 [H, W, 3] image; background (0) stays unblended."""
-  image = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
+  """Blends class colours over a uint8 [H, W, C] image; background (0) stays unblended."""
+  image = as_rgb(image)
   color = colorize(mask, num_classes, ignore_label).astype(np.float32)
   out = image.astype(np.float32)
   blend = (mask > 0)[..., None]
@@ -39,22 +103,112 @@ def overlay(image: np.ndarray, mask: np.ndarray, num_classes: int, *, alpha: flo
   return np.round(out).astype(np.uint8)
 
 
+# ---------------------------------------------------------------------------- legends
+
+def classes_present(masks: Sequence[np.ndarray] | np.ndarray, num_classes: int,
+                    ignore_label: int = 255) -> list[int]:
+  """Sorted class ids occurring in `masks` (ignore_label last if present)."""
+  found: set[int] = set()
+  for mask in masks if isinstance(masks, (list, tuple)) else [masks]:
+    values = np.asarray(mask).ravel()
+    counts = np.bincount(np.clip(values, 0, max(num_classes, ignore_label + 1)).astype(np.int64))
+    found.update(int(i) for i in np.nonzero(counts)[0])
+  ids = sorted(i for i in found if i < num_classes)
+  return ids + ([ignore_label] if ignore_label in found else [])
+
+
+def legend_entries(class_ids: Sequence[int], class_names: Sequence[str] | None, num_classes: int,
+                   ignore_label: int = 255) -> list[tuple[str, tuple[int, int, int]]]:
+  """(label text, colour) per class id: 'id name', or 'ignore' for the ignore label."""
+  colors = palette(num_classes, ignore_label)
+  entries = []
+  for c in class_ids:
+    if c == ignore_label:
+      text = "ignore"
+    elif class_names is not None and c < len(class_names):
+      text = f"{c} {class_names[c]}"
+    else:
+      text = str(c)
+    entries.append((text, tuple(int(v) for v in colors[c])))
+  return entries
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+  # PIL's embedded font, scalable when PIL has FreeType (a fixed bitmap font otherwise).
+  return ImageFont.load_default(size=size)
+
+
+def legend_font_size(width: int) -> int:
+  """Text height for a legend under a picture `width` pixels wide: readable, not dominant."""
+  return int(np.clip(width // 50, 12, 48))
+
+
+def legend(entries: Sequence[tuple[str, tuple[int, int, int]]], width: int, *,
+           font_size: int = 12) -> np.ndarray:
+  """uint8 [h, max(width, one column), 3]: swatches and names in columns, on white.
+
+  Each swatch is a square of the exact class colour with a dark grey border
+  (so that black and pale swatches show on white paper).
+  """
+  font = _font(font_size)
+  swatch = font_size + 4
+  pad = max(4, font_size // 2)
+  text_w = max([int(np.ceil(font.getlength(text))) for text, _ in entries] + [1])
+  column = swatch + pad + text_w + 2 * pad
+  width = max(width, column + pad)
+  columns = max(1, min(len(entries), (width - pad) // column))
+  rows = -(-len(entries) // columns) if entries else 0
+  row_h = swatch + pad
+  height = pad + rows * row_h
+  picture = Image.new("RGB", (width, height), _LEGEND_PAPER)
+  draw = ImageDraw.Draw(picture)
+  for i, (text, color) in enumerate(entries):
+    row, col = divmod(i, columns)
+    x, y = pad + col * column, pad + row * row_h
+    draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(color),
+                   outline=_SWATCH_BORDER)
+    draw.text((x + swatch + pad, y + swatch // 2), text, fill=_LEGEND_INK, font=font, anchor="lm")
+  return np.asarray(picture)
+
+
+def with_legend(picture: np.ndarray, entries: Sequence[tuple[str, tuple[int, int, int]]], *,
+                font_size: int | None = None) -> np.ndarray:
+  """The uint8 [H, W, 3] picture with a legend strip below it (white-padded to equal widths)."""
+  if not entries:
+    return picture
+  font_size = font_size or legend_font_size(picture.shape[1])
+  strip = legend(entries, picture.shape[1], font_size=font_size)
+  if strip.shape[1] > picture.shape[1]:
+    picture = np.pad(picture, ((0, 0), (0, strip.shape[1] - picture.shape[1]), (0, 0)),
+                     constant_values=255)
+  return np.concatenate([picture, strip], axis=0)
+
+
+# ---------------------------------------------------------------------------- panels
+
 def panels(images: np.ndarray, truths: np.ndarray, predictions: np.ndarray, num_classes: int, *,
-           ignore_label: int = 255, scale: int = 1) -> np.ndarray:
+           ignore_label: int = 255, scale: int = 1,
+           class_names: Sequence[str] | None = None) -> np.ndarray:
   """One row per example: image | ground-truth overlay | prediction overlay.
 
   images uint8 [N, H, W, C]; truths and predictions int [N, H, W]. Returns
-  uint8 [N*(H+2), 3*(W+2), 3] with a 2-pixel white grid, upscaled by `scale`.
+  uint8 [N*(H+2), 3*(W+2), 3] with a 2-pixel white grid, upscaled by `scale`,
+  and, given `class_names`, a legend of the classes shown below it.
   """
   rows = []
   for image, truth, pred in zip(images, truths, predictions):
-    image = image if image.shape[-1] == 3 else np.repeat(image[..., :1], 3, axis=-1)
+    image = as_rgb(image)
     cells = [image, overlay(image, truth, num_classes, ignore_label=ignore_label),
              overlay(image, pred, num_classes, ignore_label=ignore_label)]
     cells = [np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells]
     rows.append(np.concatenate(cells, axis=1))
   grid = np.concatenate(rows, axis=0)
-  return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+  grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+  if class_names is None:
+    return grid
+  shown = classes_present([np.asarray(truths), np.asarray(predictions)], num_classes, ignore_label)
+  return with_legend(grid, legend_entries(shown, class_names, num_classes, ignore_label))
 
 
 def write_png(path: str, image: np.ndarray) -> None:

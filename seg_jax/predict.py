@@ -1,0 +1,362 @@
+"""--mode=predict: segment image files of any size with the newest checkpoint.
+
+  python main.py --config=configs/unet.py --workdir=runs/unet --mode=predict \\
+      --config.predict.input='scans/*.png' [--config.predict.output=OUT]
+
+For every input image (sorted by path) the output directory (default
+WORKDIR/predictions) receives:
+
+  <stem>_label.png    class ids, the input's height and width (8-bit; 16-bit above 256 classes)
+  <stem>_overlay.png  the image with class colours blended over it, a legend below
+  <stem>_probs.npy    with predict.save_probabilities: float16 [H, W, K] per-class probabilities
+
+The work is split in two:
+
+- device side (pure, jitted, compiled once per tile shape): `tile_probabilities`
+  maps a fixed-size batch of normalised tiles to per-class probabilities,
+  averaged over flipped copies for test-time augmentation (TTA);
+- host side: `predict_image` cuts an image into overlapping tiles
+  (`seg_jax/tiling.py`), feeds them in fixed-size batches (the last one
+  padded), and blends the results band by band; `run` finds and reads the
+  files and writes the outputs as rows are finished, so host memory grows
+  with tile_size x W x K, not H x W x K.
+
+Bad inputs: a file that cannot be read as an image, or whose channels the
+model cannot take, is skipped with a warning naming it; the other files are
+still segmented, and then `run` raises `DataError` naming the skipped files,
+so the command ends with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import os
+import sys
+import time
+from typing import Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from seg_jax import config as config_lib
+from seg_jax import parallel
+from seg_jax import tiling
+from seg_jax import visualize
+from seg_jax.data import image_io
+from seg_jax.data.errors import DataError
+
+# Flipped views averaged by each TTA mode: axes of an [N, H, W, C] batch (() = as is).
+TTA_FLIPS = {"none": ((),), "hflip": ((), (2,)), "hvflip": ((), (2,), (1,), (1, 2))}
+
+
+# ---------------------------------------------------------------------------- device side
+
+def logits_to_probabilities(logits: jax.Array) -> jax.Array:
+  """[..., K] logits -> [..., K] softmax; one binary (BCE) logit -> [1 - p, p]."""
+  logits = logits.astype(jnp.float32)
+  if logits.shape[-1] == 1:
+    foreground = jax.nn.sigmoid(logits)
+    return jnp.concatenate([1 - foreground, foreground], axis=-1)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def tile_probabilities(variables: dict, tiles: jax.Array, *, model: nn.Module,
+                       tta: str) -> jax.Array:
+  """Per-class probabilities float32 [N, T, T, K] of normalised tiles float32 [N, T, T, C].
+
+  With TTA, the model sees every flipped view in one batch; each view's
+  probabilities are flipped back and the views averaged.
+  """
+  flips = TTA_FLIPS[tta]
+  views = jnp.concatenate([jnp.flip(tiles, axes) if axes else tiles for axes in flips], axis=0)
+  probabilities = logits_to_probabilities(model.apply(variables, views, train=False))
+  n = tiles.shape[0]
+  total = sum(jnp.flip(probabilities[i * n:(i + 1) * n], axes) if axes else
+              probabilities[i * n:(i + 1) * n] for i, axes in enumerate(flips))
+  return total / len(flips)
+
+
+def model_input_channels(model: nn.Module, variables: dict, tile_size: int) -> int:
+  """The number of image channels the model's parameters take (3 tried first).
+
+  Found by tracing (no computation), so any model works without knowing where
+  its first convolution lives. ConfigError if no channel count fits (then the
+  tile size is what the model cannot take).
+  """
+  errors = []
+  for channels in (3, 1, 4, 2, *range(5, 17)):
+    probe = jax.ShapeDtypeStruct((1, tile_size, tile_size, channels), jnp.float32)
+    try:
+      jax.eval_shape(functools.partial(model.apply, train=False), variables, probe)
+      return channels
+    except Exception as e:  # a shape mismatch, reported as various error types
+      errors.append(e)
+  first = " ".join(str(errors[0]).split())[:300]
+  raise config_lib.ConfigError(
+      f"config.predict.tile_size={tile_size}: the model takes no {tile_size}x{tile_size} input "
+      f"with 1 to 16 channels (with 3: {first})")
+
+
+def make_tile_function(model: nn.Module, variables: dict, *, tta: str, batch_size: int,
+                       tile_size: int, channels: int, mesh) -> Callable[[np.ndarray], jax.Array]:
+  """tiles float32 [batch_size, T, T, C] (numpy) -> probabilities [batch_size, T, T, K] on device.
+
+  Compiled here, once: every image of every size reuses it. Calls return
+  immediately (asynchronous dispatch), so the host can blend the previous
+  batch while the device works on the next.
+  """
+  data = parallel.batch_sharding(mesh)
+  jitted = jax.jit(functools.partial(tile_probabilities, model=model, tta=tta),
+                   in_shardings=(parallel.replicated(mesh), data), out_shardings=data)
+  tiles_shape = jax.ShapeDtypeStruct((batch_size, tile_size, tile_size, channels), jnp.float32,
+                                     sharding=data)
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  compiled = jitted.lower(variables, tiles_shape).compile()
+  return lambda tiles: compiled(variables, jax.device_put(tiles, data))
+
+
+# ---------------------------------------------------------------------------- host side: one image
+
+def normalize_tile(tile: np.ndarray) -> np.ndarray:
+  """uint8/uint16 pixels -> float32 in [-1, 1]; for uint8 the training pipeline's x / 127.5 - 1."""
+  return image_io.to_unit_range(tile) * 2 - 1
+
+
+def predict_image(image: np.ndarray, tile_fn: Callable[[np.ndarray], np.ndarray], *,
+                  num_classes: int, tile_size: int, overlap: float, batch_size: int,
+                  progress: Callable[[int, int], None] | None = None
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+  """Blended per-class probabilities of a uint8/uint16 [H, W, C] image, band by band.
+
+  Yields (first row, float32 [rows, W, K]) from top to bottom; together the
+  bands cover every row once. `tile_fn` maps float32 [batch_size, T, T, C]
+  to [batch_size, T, T, K]; padding tiles fill the last batch.
+  """
+  height, width, channels = image.shape
+  plan = tiling.plan_tiles(height, width, tile_size, overlap)
+  blender = tiling.RowBandBlender(plan, num_classes)
+  positions = list(plan.positions())
+  in_flight = None
+  for start in range(0, len(positions), batch_size):
+    chunk = positions[start:start + batch_size]
+    # A fresh buffer per call: on CPU the device may use the numpy memory in place
+    # while the host already fills the next batch.
+    batch = np.zeros((batch_size, tile_size, tile_size, channels), np.float32)
+    for i, (y, x) in enumerate(chunk):
+      batch[i] = normalize_tile(tiling.extract_tile(image, y, x, tile_size))
+    result = tile_fn(batch)  # asynchronous: the device runs while the host blends below
+    if in_flight is not None:
+      yield from _blend(blender, *in_flight)
+    in_flight = (result, len(chunk))
+    if progress is not None:
+      progress(start + len(chunk), len(positions))
+  yield from _blend(blender, *in_flight)
+
+
+def _blend(blender: tiling.RowBandBlender, result, count: int) -> Iterator[tuple[int, np.ndarray]]:
+  probabilities = np.asarray(result)  # waits for the device
+  for tile in probabilities[:count]:
+    finished = blender.add(tile)
+    if finished is not None:
+      yield finished
+
+
+def match_channels(image: np.ndarray, channels: int, path: str) -> np.ndarray:
+  """The image with the model's channel count: grey is repeated for RGB models; else DataError."""
+  if image.shape[-1] == channels:
+    return image
+  if image.shape[-1] == 1:
+    return np.repeat(image, channels, axis=-1)
+  raise DataError(f"{path}: the image has {image.shape[-1]} channels, the model takes {channels}")
+
+
+def _display_range(image: np.ndarray) -> tuple[float, float]:
+  """Intensity range mapped to 0..255 in overlays: 8-bit as is, 16-bit stretched.
+
+  16-bit scans often use a few thousand levels of 65535; their 0.5th to
+  99.5th percentiles (of at most ~1M sampled pixels) span the overlay instead.
+  """
+  if image.dtype == np.uint8:
+    return 0.0, 255.0
+  step = max(1, int(np.sqrt(image.shape[0] * image.shape[1] / 1e6)))
+  lo, hi = np.percentile(image[::step, ::step], [0.5, 99.5])
+  return float(lo), float(max(hi, lo + 1))
+
+
+def _display_rows(rows: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+  if rows.dtype == np.uint8:
+    return visualize.as_rgb(rows)
+  lo, hi = value_range
+  scaled = (rows.astype(np.float32) - lo) * (255.0 / (hi - lo))
+  return visualize.as_rgb(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
+
+
+def write_outputs(image: np.ndarray, bands: Iterator[tuple[int, np.ndarray]], *, out_dir: str,
+                  stem: str, num_classes: int, class_names: list[str] | None, ignore_label: int,
+                  save_probabilities: bool) -> np.ndarray:
+  """Consumes the probability bands of one image and writes its files; returns pixels per class.
+
+  Label and overlay images are filled as rows finish (O(H x W), no class
+  axis). The probabilities are appended to the .npy file band by band, so
+  they are never held whole (a memory map would do the same, but its dirty
+  pages count as the process's resident memory until written back). Files are
+  written under temporary names and renamed when complete, so an
+  interrupted run never leaves a truncated output behind a final name.
+  """
+  height, width = image.shape[:2]
+  labels = np.empty((height, width), np.uint8 if num_classes <= 256 else np.uint16)
+  overlay = np.empty((height, width, 3), np.uint8)
+  value_range = _display_range(image)
+  counts = np.zeros(num_classes, np.int64)
+  paths = {kind: os.path.join(out_dir, f"{stem}_{kind}") for kind in ("label.png", "overlay.png",
+                                                                        "probs.npy")}
+  probs_path = paths["probs.npy"] + ".partial"
+  with contextlib.ExitStack() as cleanup:
+    probs_file = None
+    if save_probabilities:
+      probs_file = cleanup.enter_context(open(probs_path, "wb"))
+      np.lib.format.write_array_header_1_0(probs_file, {
+          "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+          "shape": (height, width, num_classes)})
+    rows_done = 0
+    for first, band in bands:
+      rows = slice(first, first + len(band))
+      band_labels = band.argmax(axis=-1)
+      labels[rows] = band_labels
+      counts += np.bincount(band_labels.ravel(), minlength=num_classes)
+      overlay[rows] = visualize.overlay(_display_rows(image[rows], value_range), band_labels,
+                                        num_classes, ignore_label=ignore_label)
+      if probs_file is not None:
+        # Bands arrive top to bottom and rows are C-ordered: appending them fills the array.
+        band.astype(np.float16).tofile(probs_file)
+      rows_done += len(band)
+    if rows_done != height:
+      raise RuntimeError(f"{stem}: blending produced {rows_done} of {height} rows")
+
+  if save_probabilities:
+    os.replace(probs_path, paths["probs.npy"])
+  _save_png(paths["label.png"], labels)
+  present = [c for c in range(num_classes) if counts[c]]
+  entries = visualize.legend_entries(present, class_names, num_classes, ignore_label)
+  _save_png(paths["overlay.png"], visualize.with_legend(overlay, entries))
+  return counts
+
+
+def _save_png(path: str, array: np.ndarray) -> None:
+  Image.fromarray(array).save(path + ".partial", format="PNG")
+  os.replace(path + ".partial", path)
+
+
+# ---------------------------------------------------------------------------- host side: files
+
+def find_inputs(pattern: str) -> list[str]:
+  """Image files named by a file, a directory (its images, not recursive) or a glob; sorted."""
+  path = os.path.expanduser(pattern)
+  if os.path.isfile(path):
+    return [path]
+  if os.path.isdir(path):
+    matches = [os.path.join(path, name) for name in os.listdir(path)]
+  else:
+    matches = glob.glob(path, recursive=True)
+  files = sorted(m for m in matches if os.path.isfile(m))
+  images = [f for f in files if f.lower().endswith(image_io.IMAGE_EXTENSIONS)]
+  if not images:
+    found = f"{len(files)} files, none with an image extension" if files else "nothing"
+    raise FileNotFoundError(f"config.predict.input={pattern!r} matches {found} "
+                            f"({', '.join(image_io.IMAGE_EXTENSIONS)})")
+  return images
+
+
+def _check_unique_stems(files: list[str]) -> None:
+  seen: dict[str, str] = {}
+  for f in files:
+    stem = os.path.splitext(os.path.basename(f))[0]
+    if stem in seen:
+      raise DataError(f"{seen[stem]} and {f} would both write {stem}_label.png; "
+                      "predict them into different output directories")
+    seen[stem] = f
+
+
+def _progress_bar(files: list[str]):
+  # tqdm draws only on a terminal (disable=None); logs and tests get the summary alone.
+  import tqdm
+  return tqdm.tqdm(files, desc="predict", unit="image", file=sys.stderr, disable=None,
+                   dynamic_ncols=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Segments every file of config.predict.input with WORKDIR's newest checkpoint.
+
+  Prints a short summary; returns {'predicted': [paths], 'skipped': [messages],
+  'output': dir, 'seconds_per_image': float, 'step': int}.
+  """
+  from seg_jax import train  # imports TensorFlow (datasets); keep this module light without it
+  p = config.predict
+  if not p.input:
+    raise config_lib.ConfigError("config.predict.input='': name the images to segment, e.g. "
+                                 "--config.predict.input='images/*.png'")
+  if jax.process_count() > 1:
+    raise config_lib.ConfigError("--mode=predict runs in a single process (jax.process_count() "
+                                 f"is {jax.process_count()})")
+  if p.batch_size % jax.device_count():
+    raise config_lib.ConfigError(f"config.predict.batch_size={p.batch_size}: must be a multiple "
+                                 f"of the number of devices ({jax.device_count()})")
+  files = find_inputs(p.input)
+  _check_unique_stems(files)
+  out_dir = os.path.expanduser(p.output) if p.output else os.path.join(workdir, "predictions")
+  os.makedirs(out_dir, exist_ok=True)
+
+  trainer = train.Trainer(config, workdir)
+  try:
+    state = trainer.latest_checkpoint_state()
+  finally:
+    trainer.checkpoints.close()
+  step = int(jax.device_get(state.step))
+  variables = train.model_variables(state)
+  del state  # the optimiser state is not needed
+  num_classes = config.dataset.num_classes
+  channels = model_input_channels(trainer.model, variables, p.tile_size)
+  t0 = time.perf_counter()
+  tile_fn = make_tile_function(trainer.model, variables, tta=p.tta, batch_size=p.batch_size,
+                               tile_size=p.tile_size, channels=channels, mesh=trainer.mesh)
+  compile_s = time.perf_counter() - t0
+
+  predicted, skipped = [], []
+  t0 = time.perf_counter()
+  bar = _progress_bar(files)
+  for path in bar:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    try:
+      image = match_channels(image_io.read_image(path), channels, path)
+    except DataError as e:
+      message = " ".join(str(e).split())
+      bar.write(f"warning: skipped {message}", file=sys.stderr)
+      skipped.append(message)
+      continue
+    bands = predict_image(
+        image, tile_fn, num_classes=num_classes, tile_size=p.tile_size, overlap=p.overlap,
+        batch_size=p.batch_size,
+        progress=lambda done, total: bar.set_postfix_str(f"{stem}: tile {done}/{total}"))
+    write_outputs(image, bands, out_dir=out_dir, stem=stem, num_classes=num_classes,
+                  class_names=trainer.class_names, ignore_label=config.dataset.ignore_label,
+                  save_probabilities=p.save_probabilities)
+    predicted.append(path)
+  bar.close()
+  seconds = time.perf_counter() - t0
+  per_image = seconds / max(len(predicted), 1)
+
+  print(f"predicted {len(predicted)} of {len(files)} images with the step-{step} checkpoint of "
+        f"{workdir} in {seconds:.1f} s ({per_image:.2f} s/image; compile {compile_s:.1f} s)\n"
+        f"tiles {p.tile_size} px, overlap {p.overlap:g}, tta {p.tta}; outputs in {out_dir}")
+  if skipped:
+    print(f"skipped {len(skipped)}:\n" + "\n".join(f"  {m}" for m in skipped))
+    more = f" (and {len(skipped) - 1} more, listed above)" if len(skipped) > 1 else ""
+    raise DataError(f"{len(skipped)} of {len(files)} input images skipped: {skipped[0]}{more}")
+  return {"predicted": predicted, "skipped": skipped, "output": out_dir, "step": step,
+          "seconds_per_image": per_image}
