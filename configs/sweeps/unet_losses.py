@@ -2,9 +2,10 @@
 
 configs/unet.py with a 6x shorter schedule (400 steps instead of 2400), so
 that the whole sweep, 3 losses x 2 seeds = 6 runs, finishes in about 12
-minutes on an idle 2-core CPU (estimate: per run ~80 s of steps at the
-5.1 steps/s main.py reaches, ~25 s of start-up, compilation and evaluations,
-plus ~13 s of dataset generation for each new seed):
+minutes on an idle 2-core CPU (per run ~80 s of steps at the 5.1 steps/s
+main.py reaches, plus ~25 s of start-up, compilation and evaluations). The
+seeds vary initialisation, data order and augmentation; the dataset is fixed
+by dataset.seed.
 
   python -m seg_jax.sweep --config=configs/sweeps/unet_losses.py --workdir=runs/unet_losses
 
