@@ -83,6 +83,7 @@ def main(argv):
                jax.devices()[0].platform, jax.process_count())
 
   # Imported after flag parsing so that `--help` and config errors are instant.
+  from seg_jax import init_from
   from seg_jax import predict
   from seg_jax import train
   from seg_jax.data import pipeline
@@ -98,7 +99,8 @@ def main(argv):
       predict.run(config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
-  except (pipeline.DataError, train.NonFiniteError, train.WorkdirError, FileNotFoundError) as e:
+  except (pipeline.DataError, train.NonFiniteError, train.WorkdirError, FileNotFoundError,
+          init_from.InitFromError) as e:
     _fail(str(e), code=1)
 
 

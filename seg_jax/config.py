@@ -96,7 +96,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm = "batch"            # batch | group | none
   c.model.norm_groups = 8           # groups for group norm
   c.model.upsample = "transpose"    # transpose (learned 2x2/2) | resize (bilinear + 3x3 conv)
-  c.model.dropout = 0.0             # dropout rate in the bottleneck and decoder
+  c.model.dropout = 0.0             # unet: bottleneck and decoder; deeplabv3plus: after ASPP
+  # ResNet backbone (seg_jax/models/resnet.py): resnet10 | resnet18 | resnet34 | resnet50 |
+  # resnet101. unet: '' = the classic conv encoder, else a ResNet encoder (model.width is then
+  # its stage-1 width, 64 in the standard networks); deeplabv3plus: required.
+  c.model.backbone = ""
+  c.model.backbone_stem = "imagenet"  # imagenet (7x7/2 conv + 3x3/2 max pool) | small (3x3 convs)
+  c.model.output_stride = 16        # deeplabv3plus: 8 | 16 (atrous last stages) | 32
+  c.model.aspp_rates = (6, 12, 18)  # deeplabv3plus: atrous rates of the 3x3 ASPP branches
+  c.model.aspp_features = 256
+  c.model.aspp_image_pooling = True
+  c.model.decoder_low_level = "c2"  # deeplabv3plus: backbone map the decoder fuses: c2 (stride 4,
+                                    # as in the paper) | c1 (stride 2: finer masks on small images)
+  c.model.decoder_low_level_features = 48  # deeplabv3plus: its channels after the 1x1 conv
+  c.model.decoder_features = 256
+  # Initialise matching parameters (same path and shape) from a local checkpoint before step 0:
+  # a workdir, an Orbax checkpoint directory, or an .npz of arrays named by '/'-joined paths.
+  # Ignored when the workdir already has a checkpoint (resume wins). Never downloads.
+  c.model.init_from = ""
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "ce+dice"           # '+'-joined terms from ce, bce, dice, focal
@@ -193,17 +210,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.norm == "group" and config.model.width % config.model.norm_groups:
     _fail("model.norm_groups", config.model.norm_groups,
           f"must divide model.width={config.model.width}")
-  if config.dataset.image_size % (2 ** config.model.depth):
+  _validate_model(config)
+  divisor = registry.input_divisor(config)
+  if config.dataset.image_size % divisor:
     _fail("dataset.image_size", config.dataset.image_size,
-          f"must be divisible by 2**model.depth={2 ** config.model.depth}")
+          f"must be divisible by {divisor} ({_divisor_reason(config)})")
 
   for key in ("predict.tile_size", "predict.batch_size"):
     value = _get(config, key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
       _fail(key, value, "must be a positive integer")
-  if config.predict.tile_size % (2 ** config.model.depth):
+  if config.predict.tile_size % divisor:
     _fail("predict.tile_size", config.predict.tile_size,
-          f"must be divisible by 2**model.depth={2 ** config.model.depth}")
+          f"must be divisible by {divisor} ({_divisor_reason(config)})")
   overlap = config.predict.overlap
   if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
     _fail("predict.overlap", overlap, "must be a fraction of the tile size in [0, 1)")
@@ -266,17 +285,68 @@ def _validate_dataset(config: ml_collections.ConfigDict) -> None:
   if any(not 0 <= f < 1 for f in fractions) or sum(fractions) >= 1:
     _fail("dataset.validation_fraction", d.validation_fraction,
           f"validation_fraction and test_fraction={d.test_fraction} must be in [0, 1) with a sum < 1")
+  from seg_jax.models import registry
+  divisor = registry.input_divisor(config)
   multiple = d.eval_pad_multiple
-  if not isinstance(multiple, int) or multiple <= 0 or multiple % (2 ** config.model.depth):
+  if not isinstance(multiple, int) or multiple <= 0 or multiple % divisor:
     _fail("dataset.eval_pad_multiple", multiple,
-          f"must be a positive multiple of 2**model.depth={2 ** config.model.depth}")
+          f"must be a positive multiple of {divisor} ({_divisor_reason(config)})")
   size = tuple(d.eval_size) if isinstance(d.eval_size, (tuple, list)) else None
   if (size is None or len(size) != 2 or any(not isinstance(v, int) or v < 0 for v in size)
       or (0 in size and size != (0, 0))):
     _fail("dataset.eval_size", d.eval_size, "must be (0, 0) (automatic) or (height, width) > 0")
-  if size != (0, 0) and any(v % (2 ** config.model.depth) for v in size):
+  if size != (0, 0) and any(v % divisor for v in size):
     _fail("dataset.eval_size", d.eval_size,
-          f"height and width must be divisible by 2**model.depth={2 ** config.model.depth}")
+          f"height and width must be divisible by {divisor} ({_divisor_reason(config)})")
+
+
+def _divisor_reason(config: ml_collections.ConfigDict) -> str:
+  m = config.model
+  if m.name == "deeplabv3plus":
+    return f"the input multiple of deeplabv3plus at model.output_stride={m.output_stride}"
+  if m.backbone:
+    return f"the input multiple of a U-Net with a {m.backbone} encoder"
+  return f"2**model.depth={2 ** m.depth}"
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  """Backbone, output stride and DeepLab head keys."""
+  from seg_jax.models import resnet
+  m = config.model
+  if m.backbone and m.backbone not in resnet.RESNETS:
+    _fail("model.backbone", m.backbone, f"must be '' or one of {', '.join(resnet.RESNETS)}")
+  if m.name == "deeplabv3plus" and not m.backbone:
+    _fail("model.backbone", m.backbone,
+          f"deeplabv3plus needs a ResNet: one of {', '.join(resnet.RESNETS)}")
+  if m.backbone_stem not in resnet.STEMS:
+    _fail("model.backbone_stem", m.backbone_stem, f"must be one of {', '.join(resnet.STEMS)}")
+  if m.output_stride not in resnet.OUTPUT_STRIDES:
+    _fail("model.output_stride", m.output_stride,
+          f"must be one of {', '.join(map(str, resnet.OUTPUT_STRIDES))}")
+  if m.decoder_low_level not in ("c1", "c2"):
+    _fail("model.decoder_low_level", m.decoder_low_level, "must be one of c1, c2")
+  rates = m.aspp_rates
+  if (not isinstance(rates, (tuple, list))
+      or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in rates)):
+    _fail("model.aspp_rates", rates, "must be a tuple of integers >= 1, e.g. (6, 12, 18)")
+  for key in ("aspp_features", "decoder_low_level_features", "decoder_features"):
+    value = m[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      _fail(f"model.{key}", value, "must be a positive integer")
+  if not isinstance(m.aspp_image_pooling, bool):
+    _fail("model.aspp_image_pooling", m.aspp_image_pooling, "must be True or False")
+  if m.norm == "group":
+    widths = {"model.width": m.width}
+    if m.backbone and m.backbone_stem == "small":
+      widths["model.width / 2 (the small stem's first conv)"] = m.width // 2
+    if m.name == "deeplabv3plus":
+      widths.update({f"model.{k}": m[k] for k in ("aspp_features", "decoder_low_level_features",
+                                                  "decoder_features")})
+    for key, value in widths.items():
+      if value % m.norm_groups:
+        _fail("model.norm_groups", m.norm_groups, f"must divide {key}={value}")
+  if not isinstance(m.init_from, str):
+    _fail("model.init_from", m.init_from, "must be a path (a string)")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:

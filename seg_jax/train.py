@@ -24,6 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from seg_jax import config as config_lib
+from seg_jax import init_from
 from seg_jax import losses
 from seg_jax import metrics
 from seg_jax import models
@@ -236,7 +237,10 @@ class Trainer:
                                         channels=self.channels)
     steps = sorted(self.checkpoints.all_steps(), reverse=True)
     if not steps:
-      return create()
+      state = create()
+      if self.config.model.init_from:
+        state = self._init_from(state, self.config.model.init_from)
+      return state
     replicated = parallel.replicated(self.mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             jax.eval_shape(create))
@@ -254,6 +258,18 @@ class Trainer:
       return state
     raise WorkdirError(f"no checkpoint in {self.checkpoints.directory} can be restored for this "
                        f"config (a different model or optimiser?); newest error: {failures[0]}")
+
+  def _init_from(self, state: TrainState, path: str) -> TrainState:
+    """`state` with the parameters and batch statistics `path` has for this model; logs the
+    report and, on process 0, writes it to WORKDIR/init_from.txt."""
+    variables, report = init_from.initialize(
+        {"params": state.params, "batch_stats": state.batch_stats}, path)
+    summary = report.summary()
+    logging.info("%s", summary)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "init_from.txt"), "w") as f:
+        f.write(report.summary(max_listed=10**9) + "\n")
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
   def latest_checkpoint_state(self) -> TrainState:
     """The newest checkpoint's state, for eval and predict; FileNotFoundError if there is none."""

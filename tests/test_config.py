@@ -57,7 +57,7 @@ def test_unknown_key_in_a_config_file_is_caught(data_dir):
     ("loss.name", "bce", "needs dataset.num_classes=2"),
     ("batch_size", 0, "must be a number > 0"),
     ("model.dropout", 1.5, "must be in \\[0, 1\\)"),
-    ("dataset.image_size", 36, "divisible by 2\\*\\*model.depth=16"),
+    ("dataset.image_size", 36, "divisible by 16 \\(2\\*\\*model.depth=16\\)"),
     ("dataset.ignore_label", 3, "outside \\[0, num_classes=6\\)"),
     ("optimizer.name", "lamb", "must be one of sgd, adam, adamw"),
     ("loss.class_weights", (1.0, 2.0), "must be 6 non-negative numbers"),

@@ -360,7 +360,7 @@ def test_grey_16bit_folder_builds_a_one_channel_model_and_evaluates(tmp_path):
     ("root", "", "dataset.root='': dataset.name='folder' needs the data folder"),
     ("validation_fraction", 0.7, "sum < 1"),
     ("eval_size", (64, 0), "must be (0, 0)"),
-    ("eval_size", (64, 70), "divisible by 2**model.depth=4"),
+    ("eval_size", (64, 70), "divisible by 4 (2**model.depth=4)"),
     ("channels", -1, "integer >= 0"),
 ])
 def test_config_checks_the_dataset_keys(key, value, message):

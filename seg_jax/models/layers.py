@@ -26,18 +26,19 @@ def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float
 
 
 class ConvNormAct(nn.Module):
-  """Conv -> norm -> ReLU. The conv has no bias when a norm follows."""
+  """Conv (stride 1, optionally dilated) -> norm -> ReLU. The conv has no bias when a norm follows."""
   features: int
   kernel_size: int = 3
   norm: str = "batch"
   norm_groups: int = 8
   dtype: Any = jnp.float32
+  dilation: int = 1
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = make_norm(self.norm, train=train, groups=self.norm_groups, dtype=self.dtype)
-    x = nn.Conv(self.features, (self.kernel_size,) * 2, use_bias=norm is None,
-                dtype=self.dtype)(x)
+    x = nn.Conv(self.features, (self.kernel_size,) * 2, kernel_dilation=self.dilation,
+                use_bias=norm is None, dtype=self.dtype)(x)
     if norm is not None:
       x = norm(x)
     return nn.relu(x)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from seg_jax.models import layers
+from seg_jax.models import resnet
 
 
 class DoubleConv(nn.Module):
@@ -27,10 +28,19 @@ class DoubleConv(nn.Module):
 class UNet(nn.Module):
   """U-Net returning per-pixel logits.
 
-  Input `[N, H, W, C]` with H and W divisible by 2**depth; output
-  `[N, H, W, num_logits]` in float32 (num_logits = number of classes, or 1
-  for binary tasks). Level i has `width * 2**i` channels; 2x2 max pooling down,
-  learned or resize upsampling up, skips concatenated.
+  Input `[N, H, W, C]`; output `[N, H, W, num_logits]` in float32
+  (num_logits = number of classes, or 1 for binary tasks).
+
+  Classic encoder (`backbone=""`): H and W divisible by 2**depth; level i has
+  `width * 2**i` channels; 2x2 max pooling down, learned or resize upsampling
+  up, skips concatenated.
+
+  ResNet encoder (`backbone="resnet34"`, ...; `width` is then the ResNet's
+  stage-1 width, 64 in the standard networks): the ResNet's maps at strides
+  2, 4, 8 and 16 are the skips of a decoder from stride 32, with
+  `width * stride / 4` channels at each stride (256, 128, 64, 32, 16 for
+  width 64, as in segmentation_models_pytorch), and a last upsampling to the
+  input size without a skip. H and W divisible by 32.
   """
   num_logits: int
   width: int = 32
@@ -40,26 +50,46 @@ class UNet(nn.Module):
   upsample: str = "transpose"
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  backbone: str = ""
+  stem: str = "imagenet"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    if x.shape[1] % 2 ** self.depth or x.shape[2] % 2 ** self.depth:
-      raise ValueError(f"U-Net of depth {self.depth} needs H and W divisible by "
-                       f"{2 ** self.depth}, got {x.shape[1:3]}")
+    divisor = input_divisor(self.depth, self.backbone)
+    if x.shape[1] % divisor or x.shape[2] % divisor:
+      raise ValueError(f"this U-Net needs H and W divisible by {divisor}, got {x.shape[1:3]}")
     x = x.astype(self.dtype)
     block = lambda f: DoubleConv(f, self.norm, self.norm_groups, self.dtype)
-    skips = []
-    for level in range(self.depth):
-      x = block(self.width * 2 ** level)(x, train=train)
-      skips.append(x)
-      x = layers.max_pool_2x2(x)
-    x = block(self.width * 2 ** self.depth)(x, train=train)
+    if self.backbone:
+      x, skips, widths = self._resnet_encoder(x, train)
+    else:
+      skips = []
+      for level in range(self.depth):
+        x = block(self.width * 2 ** level)(x, train=train)
+        skips.append(x)
+        x = layers.max_pool_2x2(x)
+      x = block(self.width * 2 ** self.depth)(x, train=train)
+      widths = [self.width * 2 ** level for level in range(self.depth)]
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    for level in reversed(range(self.depth)):
-      features = self.width * 2 ** level
+    for level in reversed(range(len(widths))):
+      features = widths[level]
       x = layers.make_upsample(self.upsample, features, self.dtype)(x)
-      x = jnp.concatenate([skips[level], x], axis=-1)
+      if skips[level] is not None:
+        x = jnp.concatenate([skips[level], x], axis=-1)
       x = block(features)(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     logits = nn.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(x)
     return logits.astype(jnp.float32)
+
+  def _resnet_encoder(self, x, train):
+    """The bottom map (stride 32), skips for strides 1..16 (None at 1) and decoder widths."""
+    features = resnet.ResNet(self.backbone, self.width, 32, self.stem, self.norm,
+                             self.norm_groups, self.dtype, name="encoder")(x, train=train)
+    skips = [None, features["c1"], features["c2"], features["c3"], features["c4"]]
+    widths = [max(self.width * 2 ** level // 4, 8) for level in range(5)]
+    return features["c5"], skips, widths
+
+
+def input_divisor(depth: int, backbone: str = "") -> int:
+  """H and W of the input must be multiples of this."""
+  return resnet.input_divisor(32) if backbone else 2 ** depth

@@ -1,0 +1,72 @@
+"""DeepLabv3+ with a ResNet-10 backbone on the embedded shapes dataset.
+
+Sized for a 2-core CPU and 64 px images: ResNet-10 at width 32 with the
+small stem (3x3 convs; the 7x7/2 ImageNet stem would throw away half of a
+64 px image at once), output stride 8 (an 8x8 map for ASPP), atrous rates
+(2, 4, 6) scaled down from DeepLab's (12, 24, 36) at stride 8 in proportion
+to the map size, 64 ASPP channels. It reaches validation mean Dice >= 0.90
+(see README, "DeepLabv3+").
+
+  python main.py --config=configs/deeplabv3plus.py --workdir=runs/deeplab
+
+`:large` is the paper's model (ResNet-50, output stride 16, rates (6, 12,
+18), 256 channels, ImageNet stem) for 512 px images, e.g. with
+`--config.dataset.name=folder`:
+
+  python main.py --config=configs/deeplabv3plus.py:large --workdir=runs/deeplab_r50 \\
+      --config.dataset.name=folder --config.dataset.root=DIR --config.dataset.num_classes=K
+"""
+
+import ml_collections
+
+from configs import unet
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  config = unet.get_config()   # the same data, augmentation, loss and batch as the U-Net
+
+  config.model.name = "deeplabv3plus"
+  config.model.backbone = "resnet10"
+  config.model.backbone_stem = "small"
+  config.model.width = 32               # ResNet stage-1 channels (64 in the standard ResNets)
+  config.model.output_stride = 8
+  config.model.aspp_rates = (2, 4, 6)
+  config.model.aspp_features = 64
+  config.model.decoder_low_level = "c2"  # stride 4, as in the paper (the stride-2 c1: 0.858 vs 0.877)
+  config.model.decoder_low_level_features = 48
+  config.model.decoder_features = 64
+  config.model.dropout = 0.1
+
+  config.optimizer.name = "adamw"
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.schedule = "warmup_cosine"
+  config.optimizer.warmup_steps = 200
+
+  config.num_train_steps = 4000
+  config.eval_every_steps = 800
+  config.checkpoint_every_steps = 800
+
+  if preset == "large":
+    config.dataset.image_size = 512
+    config.model.backbone = "resnet50"
+    config.model.backbone_stem = "imagenet"
+    config.model.width = 64
+    config.model.output_stride = 16
+    config.model.aspp_rates = (6, 12, 18)
+    config.model.aspp_features = 256
+    config.model.decoder_features = 256
+    config.optimizer.name = "sgd"
+    config.optimizer.learning_rate = 0.01
+    config.optimizer.momentum = 0.9
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.schedule = "polynomial"   # DeepLab's "poly", power 0.9
+    config.optimizer.warmup_steps = 0
+    config.batch_size = 16
+    config.num_train_steps = 30000
+    config.eval_every_steps = 2000
+    config.checkpoint_every_steps = 2000
+  elif preset:
+    raise ValueError(f"unknown preset {preset!r} for configs/deeplabv3plus.py; "
+                     "allowed: '', 'large'")
+  return config

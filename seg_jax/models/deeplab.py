@@ -1,0 +1,101 @@
+"""DeepLabv3+ (Chen et al., 2018): atrous ResNet, ASPP, and a decoder fusing low-level features.
+
+Encoder: a ResNet at output stride 16 or 8 (`seg_jax/models/resnet.py`).
+ASPP on its last map: a 1x1 conv, one 3x3 conv per atrous rate, and image
+pooling (global average -> 1x1 conv -> broadcast), concatenated and projected.
+Decoder: the ASPP output upsampled bilinearly to stride 4, concatenated with
+stage 1's features (`low_level="c2"`) reduced by a 1x1 conv, two 3x3 convs, a
+1x1 classifier, and a bilinear upsampling to the input size. With
+`low_level="c1"` the decoder fuses the stem's stride-2 map instead, for finer
+masks on small images (on the shapes dataset it did not help: the stem's
+map is one conv deep).
+
+The atrous rates are taken as given: DeepLab's (6, 12, 18) are for output
+stride 16 on ~513 px crops; double them for stride 8, and scale them down
+with the feature map for small images (the rates must stay below the map's
+size to see anything but padding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seg_jax.models import layers
+from seg_jax.models import resnet
+
+
+def _resize(x: jax.Array, height: int, width: int) -> jax.Array:
+  """Bilinear resize of [N, H, W, C] (half-pixel centres, no corner alignment)."""
+  return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), method="bilinear")
+
+
+class ASPP(nn.Module):
+  """Atrous spatial pyramid pooling."""
+  features: int = 256
+  rates: Sequence[int] = (6, 12, 18)
+  image_pooling: bool = True
+  dropout: float = 0.0
+  norm: str = "batch"
+  norm_groups: int = 8
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    conv = lambda kernel, dilation=1, name=None: layers.ConvNormAct(
+        self.features, kernel, self.norm, self.norm_groups, self.dtype, dilation, name=name)
+    branches = [conv(1, name="conv1x1")(x, train=train)]
+    for rate in self.rates:
+      branches.append(conv(3, rate, name=f"atrous{rate}")(x, train=train))
+    if self.image_pooling:
+      pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+      pooled = conv(1, name="image_pool")(pooled, train=train)
+      branches.append(jnp.broadcast_to(pooled, x.shape[:3] + (self.features,)))
+    y = conv(1, name="project")(jnp.concatenate(branches, axis=-1), train=train)
+    return nn.Dropout(self.dropout, deterministic=not train)(y)
+
+
+class DeepLabV3Plus(nn.Module):
+  """DeepLabv3+ returning float32 logits [N, H, W, num_logits] at the input size.
+
+  H and W must be multiples of `resnet.input_divisor(output_stride)`.
+  """
+  num_logits: int
+  backbone: str = "resnet50"
+  width: int = 64
+  output_stride: int = 16
+  stem: str = "imagenet"
+  aspp_features: int = 256
+  aspp_rates: Sequence[int] = (6, 12, 18)
+  image_pooling: bool = True
+  low_level_features: int = 48
+  low_level: str = "c2"
+  decoder_features: int = 256
+  dropout: float = 0.0
+  norm: str = "batch"
+  norm_groups: int = 8
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    divisor = resnet.input_divisor(self.output_stride)
+    if x.shape[1] % divisor or x.shape[2] % divisor:
+      raise ValueError(f"DeepLabv3+ at output stride {self.output_stride} needs H and W "
+                       f"divisible by {divisor}, got {x.shape[1:3]}")
+    height, width = x.shape[1:3]
+    features = resnet.ResNet(self.backbone, self.width, self.output_stride, self.stem, self.norm,
+                             self.norm_groups, self.dtype, name="backbone")(x, train=train)
+    y = ASPP(self.aspp_features, tuple(self.aspp_rates), self.image_pooling, self.dropout,
+             self.norm, self.norm_groups, self.dtype, name="aspp")(features["c5"], train=train)
+    conv = lambda f, k, name: layers.ConvNormAct(f, k, self.norm, self.norm_groups, self.dtype,
+                                                 name=name)
+    low = conv(self.low_level_features, 1, "low_level")(features[self.low_level], train=train)
+    y = _resize(y, *low.shape[1:3])
+    y = jnp.concatenate([y, low], axis=-1)
+    y = conv(self.decoder_features, 3, "decoder1")(y, train=train)
+    y = conv(self.decoder_features, 3, "decoder2")(y, train=train)
+    logits = nn.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(y)
+    return _resize(logits.astype(jnp.float32), height, width)

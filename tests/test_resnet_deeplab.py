@@ -1,0 +1,275 @@
+"""ResNet backbones, DeepLabv3+, the ResNet-encoder U-Net, and model.init_from."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from seg_jax import config as config_lib
+from seg_jax import init_from
+from seg_jax import train
+from seg_jax.models import init_key
+from seg_jax.models import layers
+from seg_jax.models import registry
+from seg_jax.models import resnet
+from seg_jax.models.deeplab import DeepLabV3Plus
+from seg_jax.models.unet import UNet
+from tests.conftest import tiny_config
+
+
+def _variable_shapes(model, shape):
+  return jax.eval_shape(lambda: model.init(init_key(0), jnp.zeros(shape), train=False))
+
+
+def _output_shapes(model, shape):
+  variables = _variable_shapes(model, shape)
+  return jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
+                        jax.ShapeDtypeStruct(shape, jnp.float32))
+
+
+# torchvision.models.resnetN(): parameters listed in its documentation, minus the 1000-class
+# classifier (512*1000 + 1000 for the basic-block nets, 2048*1000 + 1000 for the bottleneck ones).
+TORCHVISION_PARAMS = {"resnet18": 11_689_512 - 513_000, "resnet34": 21_797_672 - 513_000,
+                      "resnet50": 25_557_032 - 2_049_000, "resnet101": 44_549_160 - 2_049_000}
+
+
+@pytest.mark.parametrize("arch", sorted(TORCHVISION_PARAMS))
+def test_standard_resnets_have_torchvisions_parameter_count(arch):
+  variables = _variable_shapes(resnet.ResNet(arch, 64, 32, "imagenet"), (1, 64, 64, 3))
+  assert sum(x.size for x in jax.tree.leaves(variables["params"])) == TORCHVISION_PARAMS[arch]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("output_stride", [8, 16, 32])
+@pytest.mark.parametrize("stem", ["imagenet", "small"])
+def test_resnet_feature_shapes(arch, output_stride, stem):
+  features = _output_shapes(resnet.ResNet(arch, 8, output_stride, stem), (2, 64, 96, 3))
+  expansion = 4 if arch == "resnet50" else 1
+  expected_strides = {"c1": 2, "c2": 4, "c3": 8, "c4": min(16, output_stride),
+                      "c5": output_stride}
+  expected_channels = {"c1": 8, "c2": 8 * expansion, "c3": 16 * expansion,
+                       "c4": 32 * expansion, "c5": 64 * expansion}
+  assert resnet.feature_strides(output_stride) == expected_strides
+  assert resnet.feature_channels(arch, 8) == expected_channels
+  for name, feature in features.items():
+    s = expected_strides[name]
+    assert feature.shape == (2, 64 // s, 96 // s, expected_channels[name]), name
+
+
+def test_output_stride_changes_no_parameter_shape():
+  """Atrous stages reuse the strided network's weights: the same parameter tree at every stride."""
+  shapes = [jax.tree.map(lambda x: x.shape, _variable_shapes(
+      resnet.ResNet("resnet18", 8, s, "imagenet"), (1, 64, 64, 3))) for s in (8, 16, 32)]
+  assert shapes[0] == shapes[1] == shapes[2]
+
+
+def test_dilated_conv_matches_numpy():
+  """ConvNormAct(dilation=2), used by ASPP, against a direct numpy convolution."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1, 9, 10, 2)).astype(np.float32)
+  conv = layers.ConvNormAct(3, 3, norm="none", dilation=2)
+  variables = conv.init(jax.random.key(0), jnp.asarray(x), train=False)
+  kernel = np.asarray(variables["params"]["Conv_0"]["kernel"])   # [3, 3, 2, 3]
+  bias = np.asarray(variables["params"]["Conv_0"]["bias"])
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  expected = np.zeros((1, 9, 10, 3), np.float32)
+  for i in range(9):
+    for j in range(10):
+      for a in range(3):
+        for b in range(3):
+          expected[0, i, j] += padded[0, i + 2 * a, j + 2 * b] @ kernel[a, b]
+  expected = np.maximum(expected + bias, 0)
+  np.testing.assert_allclose(conv.apply(variables, jnp.asarray(x), train=False), expected,
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+@pytest.mark.parametrize("image_pooling", [True, False])
+@pytest.mark.parametrize("low_level", ["c1", "c2"])
+def test_deeplab_output_shape_and_aspp_branches(output_stride, image_pooling, low_level):
+  model = DeepLabV3Plus(5, "resnet18", 8, output_stride, "small", aspp_features=16,
+                        aspp_rates=(1, 2, 3), image_pooling=image_pooling, low_level_features=8,
+                        low_level=low_level, decoder_features=16, norm="group", norm_groups=4)
+  variables = _variable_shapes(model, (1, 64, 96, 3))
+  aspp = variables["params"]["aspp"]
+  branches = 1 + 3 + int(image_pooling)
+  assert {"atrous1", "atrous2", "atrous3"} <= set(aspp) and ("image_pool" in aspp) == image_pooling
+  # The projection takes every branch's 16 channels.
+  assert aspp["project"]["Conv_0"]["kernel"].shape == (1, 1, 16 * branches, 16)
+  # The decoder fuses the ASPP output (16) with 8 low-level channels.
+  assert variables["params"]["decoder1"]["Conv_0"]["kernel"].shape == (3, 3, 24, 16)
+  out = _output_shapes(model, (2, 64, 96, 3))
+  assert out.shape == (2, 64, 96, 5) and out.dtype == jnp.float32
+  # The decoder runs at the low-level map's stride (2 for c1, 4 for c2).
+  _, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=False, capture_intermediates=True), variables,
+      jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.float32))
+  stride = resnet.feature_strides(output_stride)[low_level]
+  assert state["intermediates"]["decoder2"]["__call__"][0].shape == (2, 64 // stride, 96 // stride, 16)
+
+
+_TINY_HEAD = dict(aspp_features=8, aspp_rates=(1, 2), low_level_features=8, decoder_features=8)
+
+
+def test_deeplab_runs_and_its_logits_depend_on_the_whole_image():
+  """A real forward pass (batch norm, train and eval); image pooling makes every logit
+  depend on a far-away pixel."""
+  model = DeepLabV3Plus(3, "resnet10", 8, 8, "small", **_TINY_HEAD)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = jax.jit(lambda x: model.init(init_key(0), x, train=False))(x)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  y = apply(variables, x)
+  assert y.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(y)))
+  # A patch, not one pixel: a strided 1x1 projection sees only every other pixel.
+  y2 = apply(variables, x.at[:, -8:, -8:].add(10.0))
+  assert float(jnp.abs(y2[:, 0, 0] - y[:, 0, 0]).max()) > 0
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.key(2)})
+  assert "backbone" in updates["batch_stats"]
+
+
+def test_unet_with_resnet_encoder():
+  model = UNet(4, width=16, backbone="resnet18", stem="imagenet")
+  variables = _variable_shapes(model, (1, 64, 64, 3))
+  assert "encoder" in variables["params"]
+  assert _output_shapes(model, (2, 64, 96, 3)).shape == (2, 64, 96, 4)
+  with pytest.raises(ValueError, match="divisible by 32"):
+    _output_shapes(model, (1, 48, 48, 3))
+
+
+def _deeplab_config(data_dir):
+  c = tiny_config(data_dir)
+  c.model.name = "deeplabv3plus"
+  c.model.backbone = "resnet10"
+  c.model.backbone_stem = "small"
+  c.model.output_stride = 8
+  c.model.aspp_rates = (1, 2)
+  c.model.aspp_features = 8
+  c.model.decoder_low_level_features = 8
+  c.model.decoder_features = 8
+  return c
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.backbone", "", "deeplabv3plus needs a ResNet"),
+    ("model.backbone", "resnet9", "must be '' or one of resnet10"),
+    ("model.output_stride", 4, "must be one of 8, 16, 32"),
+    ("model.aspp_rates", (2, 0), "integers >= 1"),
+    ("model.backbone_stem", "tiny", "must be one of imagenet, small"),
+    ("dataset.image_size", 36, "divisible by 8 .the input multiple of deeplabv3plus"),
+    ("predict.tile_size", 100, "divisible by 8"),
+])
+def test_bad_deeplab_config_fails_at_start(data_dir, key, value, message):
+  c = _deeplab_config(data_dir)
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_shipped_deeplab_configs_validate_and_build():
+  from configs import deeplabv3plus
+  for preset in ("", "large"):
+    c = deeplabv3plus.get_config(preset)
+    config_lib.validate(c)
+    assert isinstance(registry.build_model(c), DeepLabV3Plus)
+  assert registry.input_divisor(deeplabv3plus.get_config()) == 8
+  assert registry.input_divisor(deeplabv3plus.get_config("large")) == 16
+
+
+# ---------------------------------------------------------------------------- init_from
+
+def _tiny_variables(seed, num_logits=3):
+  model = DeepLabV3Plus(num_logits, "resnet10", 8, 8, "small", **_TINY_HEAD)
+  return jax.jit(lambda: model.init(init_key(seed), jnp.zeros((1, 32, 32, 3)), train=False))()
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = np.asarray(v)
+  return out
+
+
+def test_init_from_npz_matches_by_path_and_shape(tmp_path):
+  source = {"params": _flat(_tiny_variables(1)["params"], "params/"),
+            "batch_stats": _flat(_tiny_variables(1)["batch_stats"], "batch_stats/")}
+  arrays = {**source["params"], **source["batch_stats"]}
+  # A classifier for another number of classes, a missing array, an extra one, and a name
+  # without the 'params/' prefix.
+  arrays["params/head/kernel"] = np.ones((1, 1, 8, 7), np.float32)
+  del arrays["params/decoder2/Conv_0/kernel"]
+  arrays["params/old_head/kernel"] = np.ones((3,), np.float32)
+  arrays["aspp/project/Conv_0/kernel"] = arrays.pop("params/aspp/project/Conv_0/kernel")
+  path = str(tmp_path / "weights.npz")
+  np.savez(path, **arrays)
+
+  target = _tiny_variables(2)
+  new, report = init_from.initialize({"params": target["params"],
+                                      "batch_stats": target["batch_stats"]}, path)
+  new_flat = {**_flat(new["params"], "params/"), **_flat(new["batch_stats"], "batch_stats/")}
+  old_flat = {**_flat(target["params"], "params/"), **_flat(target["batch_stats"], "batch_stats/")}
+  expected_loaded = {n for n in old_flat
+                     if n not in ("params/head/kernel", "params/decoder2/Conv_0/kernel")}
+  assert set(report.loaded) == expected_loaded
+  assert report.shape_mismatch == [("params/head/kernel", (1, 1, 8, 7), (1, 1, 8, 3))]
+  assert report.missing == ["params/decoder2/Conv_0/kernel"]
+  assert report.unused == ["params/old_head/kernel"]
+  reference = {**source["params"], **source["batch_stats"]}
+  for name in expected_loaded:
+    np.testing.assert_array_equal(new_flat[name], reference[name], err_msg=name)
+  for name in ("params/head/kernel", "params/decoder2/Conv_0/kernel"):
+    np.testing.assert_array_equal(new_flat[name], old_flat[name], err_msg=name)
+  assert "1 with another shape, 1 not in the source" in report.summary()
+
+
+def test_init_from_errors(tmp_path):
+  variables = _tiny_variables(0)
+  with pytest.raises(init_from.InitFromError, match="no such file"):
+    init_from.initialize(variables, str(tmp_path / "nothing.npz"))
+  np.savez(tmp_path / "other.npz", **{"params/mlp/kernel": np.zeros(3, np.float32)})
+  with pytest.raises(init_from.InitFromError, match="none of its 1 arrays matches"):
+    init_from.initialize(variables, str(tmp_path / "other.npz"))
+  (tmp_path / "garbage.npz").write_bytes(b"not a zip")
+  with pytest.raises(init_from.InitFromError, match="not a readable .npz"):
+    init_from.initialize(variables, str(tmp_path / "garbage.npz"))
+  (tmp_path / "empty_dir").mkdir()
+  with pytest.raises(init_from.InitFromError, match="no Orbax checkpoint"):
+    init_from.initialize(variables, str(tmp_path / "empty_dir"))
+
+
+def test_train_then_init_from_workdir(data_dir, tmp_path):
+  """A DeepLab run, then a second run initialised from its workdir: step 0 of the second holds
+  the first one's final parameters and batch statistics, as Orbax reads them back."""
+  config = _deeplab_config(data_dir)
+  config.num_train_steps = 4
+  config.eval_every_steps = 4
+  config.checkpoint_every_steps = 4
+  config.log_every_steps = 2
+  config.num_eval_visuals = 0
+  first = str(tmp_path / "first")
+  scalars = train.train_and_evaluate(config, first)
+  assert np.isfinite(scalars["eval/dice"])
+
+  saved = ocp.StandardCheckpointer().restore(os.path.join(first, "checkpoints", "4", "default"))
+  second_config = ml_collections.ConfigDict(config.to_dict())
+  second_config.model.init_from = first
+  second = str(tmp_path / "second")
+  os.makedirs(second)
+  trainer = train.Trainer(second_config, second)
+  state = trainer.initial_state()
+  assert int(state.step) == 0
+  for collection in ("params", "batch_stats"):
+    got, want = _flat(jax.device_get(state.__getattribute__(collection))), _flat(saved[collection])
+    assert got.keys() == want.keys()
+    for name in want:
+      np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  with open(os.path.join(second, "init_from.txt")) as f:
+    assert f.readline().startswith(f"init_from {first}: loaded {len(_flat(saved['params'])) + len(_flat(saved['batch_stats']))} arrays; 0 with another shape")
