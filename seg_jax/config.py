@@ -101,8 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
   # resnet101. unet: '' = the classic conv encoder, else a ResNet encoder (model.width is then
   # its stage-1 width, 64 in the standard networks); deeplabv3plus: required.
   c.model.backbone = ""
-  c.model.backbone_stem = "imagenet"  # imagenet (7x7/2 conv + 3x3/2 max pool) | small (3x3 convs)
-  c.model.output_stride = 16        # deeplabv3plus: 8 | 16 (atrous last stages) | 32
+  # imagenet (7x7/2 conv + 3x3/2 max pool) | small (3x3 convs, stride 4) | small_stride2 (every
+  # map at twice the resolution: for images of ~64 px)
+  c.model.backbone_stem = "imagenet"
+  c.model.output_stride = 16        # deeplabv3plus: stride of the last map: 8 | 16 (atrous last
+                                    # stages) | 32; with small_stride2: 4 | 8 | 16
   c.model.aspp_rates = (6, 12, 18)  # deeplabv3plus: atrous rates of the 3x3 ASPP branches
   c.model.aspp_features = 256
   c.model.aspp_image_pooling = True
@@ -320,9 +323,10 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
           f"deeplabv3plus needs a ResNet: one of {', '.join(resnet.RESNETS)}")
   if m.backbone_stem not in resnet.STEMS:
     _fail("model.backbone_stem", m.backbone_stem, f"must be one of {', '.join(resnet.STEMS)}")
-  if m.output_stride not in resnet.OUTPUT_STRIDES:
+  if m.output_stride not in resnet.output_strides(m.backbone_stem):
     _fail("model.output_stride", m.output_stride,
-          f"must be one of {', '.join(map(str, resnet.OUTPUT_STRIDES))}")
+          f"must be one of {', '.join(map(str, resnet.output_strides(m.backbone_stem)))} with "
+          f"model.backbone_stem={m.backbone_stem!r}")
   if m.decoder_low_level not in ("c1", "c2"):
     _fail("model.decoder_low_level", m.decoder_low_level, "must be one of c1, c2")
   rates = m.aspp_rates
@@ -337,7 +341,7 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _fail("model.aspp_image_pooling", m.aspp_image_pooling, "must be True or False")
   if m.norm == "group":
     widths = {"model.width": m.width}
-    if m.backbone and m.backbone_stem == "small":
+    if m.backbone and m.backbone_stem in ("small", "small_stride2"):
       widths["model.width / 2 (the small stem's first conv)"] = m.width // 2
     if m.name == "deeplabv3plus":
       widths.update({f"model.{k}": m[k] for k in ("aspp_features", "decoder_low_level_features",

@@ -44,16 +44,17 @@ def test_standard_resnets_have_torchvisions_parameter_count(arch):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-@pytest.mark.parametrize("output_stride", [8, 16, 32])
-@pytest.mark.parametrize("stem", ["imagenet", "small"])
-def test_resnet_feature_shapes(arch, output_stride, stem):
+@pytest.mark.parametrize("dilated_stages", [0, 1, 2])
+@pytest.mark.parametrize("stem,stem_stride", [("imagenet", 4), ("small", 4), ("small_stride2", 2)])
+def test_resnet_feature_shapes(arch, dilated_stages, stem, stem_stride):
+  output_stride = stem_stride * 8 // 2 ** dilated_stages
   features = _output_shapes(resnet.ResNet(arch, 8, output_stride, stem), (2, 64, 96, 3))
   expansion = 4 if arch == "resnet50" else 1
-  expected_strides = {"c1": 2, "c2": 4, "c3": 8, "c4": min(16, output_stride),
-                      "c5": output_stride}
+  expected_strides = {"c1": stem_stride // 2, "c2": stem_stride, "c3": 2 * stem_stride,
+                      "c4": min(4 * stem_stride, output_stride), "c5": output_stride}
   expected_channels = {"c1": 8, "c2": 8 * expansion, "c3": 16 * expansion,
                        "c4": 32 * expansion, "c5": 64 * expansion}
-  assert resnet.feature_strides(output_stride) == expected_strides
+  assert resnet.feature_strides(output_stride, stem) == expected_strides
   assert resnet.feature_channels(arch, 8) == expected_channels
   for name, feature in features.items():
     s = expected_strides[name]
@@ -139,6 +140,9 @@ def test_unet_with_resnet_encoder():
   assert _output_shapes(model, (2, 64, 96, 3)).shape == (2, 64, 96, 4)
   with pytest.raises(ValueError, match="divisible by 32"):
     _output_shapes(model, (1, 48, 48, 3))
+  # With the stride-2 stem the encoder bottoms out at stride 16, and every skip is used.
+  model = UNet(4, width=16, backbone="resnet18", stem="small_stride2")
+  assert _output_shapes(model, (2, 48, 80, 3)).shape == (2, 48, 80, 4)
 
 
 def _deeplab_config(data_dir):
@@ -157,7 +161,7 @@ def _deeplab_config(data_dir):
 @pytest.mark.parametrize("key,value,message", [
     ("model.backbone", "", "deeplabv3plus needs a ResNet"),
     ("model.backbone", "resnet9", "must be '' or one of resnet10"),
-    ("model.output_stride", 4, "must be one of 8, 16, 32"),
+    ("model.output_stride", 4, "must be one of 8, 16, 32 with model.backbone_stem='small'"),
     ("model.aspp_rates", (2, 0), "integers >= 1"),
     ("model.backbone_stem", "tiny", "must be one of imagenet, small"),
     ("dataset.image_size", 36, "divisible by 8 .the input multiple of deeplabv3plus"),
@@ -165,9 +169,21 @@ def _deeplab_config(data_dir):
 ])
 def test_bad_deeplab_config_fails_at_start(data_dir, key, value, message):
   c = _deeplab_config(data_dir)
+  c.model.backbone_stem = "small"
   section, name = key.split(".")
   c[section][name] = value
   with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(c)
+
+
+def test_output_stride_depends_on_the_stem(data_dir):
+  c = _deeplab_config(data_dir)
+  c.model.backbone_stem = "small_stride2"
+  c.model.output_stride = 4
+  config_lib.validate(c)
+  assert registry.input_divisor(c) == 4
+  c.model.output_stride = 32
+  with pytest.raises(config_lib.ConfigError, match="must be one of 4, 8, 16 with"):
     config_lib.validate(c)
 
 

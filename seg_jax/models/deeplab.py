@@ -61,7 +61,7 @@ class ASPP(nn.Module):
 class DeepLabV3Plus(nn.Module):
   """DeepLabv3+ returning float32 logits [N, H, W, num_logits] at the input size.
 
-  H and W must be multiples of `resnet.input_divisor(output_stride)`.
+  H and W must be multiples of `resnet.input_divisor(output_stride, stem)`.
   """
   num_logits: int
   backbone: str = "resnet50"
@@ -81,7 +81,7 @@ class DeepLabV3Plus(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    divisor = resnet.input_divisor(self.output_stride)
+    divisor = resnet.input_divisor(self.output_stride, self.stem)
     if x.shape[1] % divisor or x.shape[2] % divisor:
       raise ValueError(f"DeepLabv3+ at output stride {self.output_stride} needs H and W "
                        f"divisible by {divisor}, got {x.shape[1:3]}")

@@ -46,5 +46,5 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
 def input_divisor(config: ml_collections.ConfigDict) -> int:
   """The model's input height and width must be multiples of this."""
   if config.model.name == "deeplabv3plus":
-    return resnet.input_divisor(config.model.output_stride)
-  return unet.input_divisor(config.model.depth, config.model.backbone)
+    return resnet.input_divisor(config.model.output_stride, config.model.backbone_stem)
+  return unet.input_divisor(config.model.depth, config.model.backbone, config.model.backbone_stem)

@@ -15,6 +15,9 @@ DeepLab), so the receptive field grows as it would have with striding.
 Stems: "imagenet" is the standard 7x7/2 conv and 3x3/2 max pool (c1 is the
 conv's output); "small" suits small images: a 3x3 conv at full resolution,
 2x2 max pool, 3x3 conv (c1), 2x2 max pool. Both put stage 1 at stride 4.
+"small_stride2" leaves out the first pool, so that every map has twice the
+resolution (c1 at stride 1, stage 1 at 2, natural output stride 16), for
+images so small (e.g. 64 px) that a stride-4 decoder blurs their shapes.
 
 Padding is symmetric (k // 2 * dilation), as in torchvision, so a ported
 torchvision checkpoint computes the same function; nothing is downloaded.
@@ -37,17 +40,30 @@ RESNETS = {
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
     "resnet101": ("bottleneck", (3, 4, 23, 3)),
 }
-STEMS = ("imagenet", "small")
-OUTPUT_STRIDES = (8, 16, 32)
+# Stem name -> its stride (where stage 1 starts).
+STEM_STRIDES = {"imagenet": 4, "small": 4, "small_stride2": 2}
+STEMS = tuple(STEM_STRIDES)
+OUTPUT_STRIDES = (4, 8, 16, 32)
 BOTTLENECK_EXPANSION = 4
 
 
-def stage_strides_and_dilations(output_stride: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def output_strides(stem: str) -> tuple[int, ...]:
+  """The output strides a ResNet with this stem can have: its natural one, and 2x or 4x less
+  by dilating the last one or two stages."""
+  natural = STEM_STRIDES[stem] * 8
+  return (natural // 4, natural // 2, natural)
+
+
+def stage_strides_and_dilations(output_stride: int, stem: str = "imagenet"
+                                ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Per stage (1..4): the stride of its first block and the dilation of its 3x3 convs."""
-  if output_stride not in OUTPUT_STRIDES:
-    raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+  if stem not in STEM_STRIDES:
+    raise ValueError(f"unknown stem {stem!r}; allowed: {', '.join(STEMS)}")
+  if output_stride not in output_strides(stem):
+    raise ValueError(f"output_stride must be one of {output_strides(stem)} with the {stem} stem, "
+                     f"got {output_stride}")
   strides, dilations = [1], [1]
-  reached, dilation = 4, 1
+  reached, dilation = STEM_STRIDES[stem], 1
   for _ in range(3):
     if reached < output_stride:
       strides.append(2)
@@ -59,10 +75,11 @@ def stage_strides_and_dilations(output_stride: int) -> tuple[tuple[int, ...], tu
   return tuple(strides), tuple(dilations)
 
 
-def feature_strides(output_stride: int = 32) -> dict[str, int]:
+def feature_strides(output_stride: int = 32, stem: str = "imagenet") -> dict[str, int]:
   """Stride of each feature map that `ResNet` returns."""
-  strides, _ = stage_strides_and_dilations(output_stride)
-  out, reached = {"c1": 2}, 4
+  strides, _ = stage_strides_and_dilations(output_stride, stem)
+  reached = STEM_STRIDES[stem]
+  out = {"c1": reached // 2}
   for i, s in enumerate(strides):
     reached *= s
     out[f"c{i + 2}"] = reached
@@ -159,7 +176,7 @@ class ResNet(nn.Module):
       raise ValueError(f"unknown backbone {self.arch!r}; allowed: {', '.join(RESNETS)}")
     block_kind, blocks = RESNETS[self.arch]
     block_cls = BasicBlock if block_kind == "basic" else Bottleneck
-    strides, dilations = stage_strides_and_dilations(self.output_stride)
+    strides, dilations = stage_strides_and_dilations(self.output_stride, self.stem)
     norm = lambda y: _norm(y, self.norm, self.norm_groups, self.dtype, train=train)
     bias = self.norm == "none"
     x = x.astype(self.dtype)
@@ -169,11 +186,12 @@ class ResNet(nn.Module):
       x = nn.relu(norm(x))
       features["c1"] = x
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    elif self.stem == "small":
+    elif self.stem in ("small", "small_stride2"):
       x = _conv(self.width // 2, 3, dtype=self.dtype, use_bias=bias, name="stem_conv1")(x)
       x = nn.relu(norm(x))
-      x = _conv(self.width, 3, dtype=self.dtype, use_bias=bias, name="stem_conv2")(
-          layers.max_pool_2x2(x))
+      if self.stem == "small":
+        x = layers.max_pool_2x2(x)
+      x = _conv(self.width, 3, dtype=self.dtype, use_bias=bias, name="stem_conv2")(x)
       x = nn.relu(norm(x))
       features["c1"] = x
       x = layers.max_pool_2x2(x)
@@ -191,6 +209,6 @@ class ResNet(nn.Module):
     return features
 
 
-def input_divisor(output_stride: int) -> int:
+def input_divisor(output_stride: int, stem: str = "imagenet") -> int:
   """Input H and W must be multiples of this for every stride to divide evenly."""
-  return max(feature_strides(output_stride).values())
+  return max(feature_strides(output_stride, stem).values())

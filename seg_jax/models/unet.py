@@ -36,11 +36,12 @@ class UNet(nn.Module):
   up, skips concatenated.
 
   ResNet encoder (`backbone="resnet34"`, ...; `width` is then the ResNet's
-  stage-1 width, 64 in the standard networks): the ResNet's maps at strides
-  2, 4, 8 and 16 are the skips of a decoder from stride 32, with
-  `width * stride / 4` channels at each stride (256, 128, 64, 32, 16 for
-  width 64, as in segmentation_models_pytorch), and a last upsampling to the
-  input size without a skip. H and W divisible by 32.
+  stage-1 width, 64 in the standard networks): the ResNet's maps c1..c4
+  (strides 2, 4, 8, 16 with the imagenet or small stem) are the skips of a
+  decoder from c5 (stride 32), with `width * stride / 4` channels at each
+  stride (256, 128, 64, 32, 16 for width 64, as in
+  segmentation_models_pytorch), and a last upsampling to the input size
+  without a skip. H and W divisible by c5's stride.
   """
   num_logits: int
   width: int = 32
@@ -55,7 +56,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    divisor = input_divisor(self.depth, self.backbone)
+    divisor = input_divisor(self.depth, self.backbone, self.stem)
     if x.shape[1] % divisor or x.shape[2] % divisor:
       raise ValueError(f"this U-Net needs H and W divisible by {divisor}, got {x.shape[1:3]}")
     x = x.astype(self.dtype)
@@ -82,14 +83,21 @@ class UNet(nn.Module):
     return logits.astype(jnp.float32)
 
   def _resnet_encoder(self, x, train):
-    """The bottom map (stride 32), skips for strides 1..16 (None at 1) and decoder widths."""
-    features = resnet.ResNet(self.backbone, self.width, 32, self.stem, self.norm,
+    """The bottom map (c5), a skip per decoder level (stride 2**level; None where the ResNet has
+    no map of that stride) and the decoder widths."""
+    natural = resnet.output_strides(self.stem)[-1]
+    features = resnet.ResNet(self.backbone, self.width, natural, self.stem, self.norm,
                              self.norm_groups, self.dtype, name="encoder")(x, train=train)
-    skips = [None, features["c1"], features["c2"], features["c3"], features["c4"]]
-    widths = [max(self.width * 2 ** level // 4, 8) for level in range(5)]
+    by_stride = {stride: features[name]
+                 for name, stride in resnet.feature_strides(natural, self.stem).items()}
+    levels = natural.bit_length() - 1                    # log2: upsamplings back to stride 1
+    skips = [by_stride.get(2 ** level) for level in range(levels)]
+    widths = [max(self.width * 2 ** level // 4, 8) for level in range(levels)]
     return features["c5"], skips, widths
 
 
-def input_divisor(depth: int, backbone: str = "") -> int:
+def input_divisor(depth: int, backbone: str = "", stem: str = "imagenet") -> int:
   """H and W of the input must be multiples of this."""
-  return resnet.input_divisor(32) if backbone else 2 ** depth
+  if backbone:
+    return resnet.input_divisor(resnet.output_strides(stem)[-1], stem)
+  return 2 ** depth
