@@ -83,7 +83,8 @@ def test_bad_sweep_file_axes_and_values_fail_before_any_run(data_dir, tmp_path):
     sweep.validate_runs(tiny_config(data_dir), runs)
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "configs", "sweeps"))))
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(REPO, "configs", "sweeps"))
+                                         if n.endswith(".py")))
 def test_sweep_files_in_configs_are_valid(name, tmp_path):
   sys.path.insert(0, REPO)  # the files import configs/*.py
   path = os.path.join(REPO, "configs", "sweeps", name)
