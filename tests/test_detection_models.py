@@ -1,4 +1,6 @@
-"""FPN, RPN head and proposal generation, against independent numpy computations."""
+"""FPN, RPN head, proposal generation and training targets, against independent numpy computations."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,8 @@ from seg_jax.models import init_key
 from seg_jax.models.detection import anchors as anchor_lib
 from seg_jax.models.detection import fpn as fpn_lib
 from seg_jax.models.detection import rpn as rpn_lib
-from tests.test_detection_ops import np_greedy_nms
+from seg_jax.models.detection import targets as target_lib
+from tests.test_detection_ops import np_greedy_nms, np_iou, np_random_boxes
 
 
 def _random_pyramid_inputs(key, n=2, h=16, w=24, channels=(8, 16, 32, 64)):
@@ -160,3 +163,84 @@ def test_proposals_carry_no_gradient():
 
   g_logits, g_deltas = jax.grad(total, argnums=(0, 1))(logits, deltas)
   assert not bool(g_logits.any()) and not bool(g_deltas.any())
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize("allow_low_quality", [False, True])
+def test_match_equals_numpy_rules(allow_low_quality):
+  rng = np.random.default_rng(1)
+  anchors = np_random_boxes(rng, 60)
+  anchors[7] = anchors[3]                     # a tie for the low-quality rule
+  gt = np_random_boxes(rng, 6)
+  gt_valid = np.array([True, True, False, True, True, False])
+  gt[2] = anchors[10]                         # a padding row that would match perfectly
+  matched, labels = jax.jit(functools.partial(
+      target_lib.match, high=0.5, low=0.3, allow_low_quality=allow_low_quality))(
+          anchors, gt, gt_valid)
+  iou = np.array([[np_iou(g, a) if v else -1.0 for a in anchors] for g, v in zip(gt, gt_valid)])
+  best = iou.max(axis=0)
+  want = np.where(best >= 0.5, 1, np.where(best < 0.3, 0, -1))
+  if allow_low_quality:
+    for g in range(len(gt)):
+      if gt_valid[g] and iou[g].max() > 0:
+        want[np.isclose(iou[g], iou[g].max(), rtol=0, atol=1e-6)] = 1
+  np.testing.assert_array_equal(labels, want)
+  fg = want == 1
+  np.testing.assert_array_equal(np.asarray(matched)[fg], iou.argmax(axis=0)[fg])
+  assert not (np.asarray(matched)[fg] == 2).any()   # padding never matched
+  if allow_low_quality:
+    assert labels[3] == labels[7]
+
+
+@pytest.mark.parametrize("num_pos,num_neg,expect_pos,expect_neg", [
+    (10, 300, 10, 54), (50, 300, 16, 48), (3, 5, 3, 5), (0, 300, 0, 64)])
+def test_sample_fixed_budget(num_pos, num_neg, expect_pos, expect_neg):
+  labels = np.full(400, -1, np.int32)
+  labels[:num_pos] = 1
+  labels[100:100 + num_neg] = 0
+  fn = jax.jit(functools.partial(target_lib.sample, num_samples=64, positive_fraction=0.25))
+  positive, negative = fn(jnp.asarray(labels), jax.random.key(0))
+  assert int(positive.sum()) == expect_pos and int(negative.sum()) == expect_neg
+  assert (labels[np.asarray(positive)] == 1).all() and (labels[np.asarray(negative)] == 0).all()
+  other, _ = fn(jnp.asarray(labels), jax.random.key(1))
+  if num_pos > 16:   # a random subset: another key picks others
+    assert (np.asarray(other) != np.asarray(positive)).any()
+
+
+def test_rpn_loss_matches_numpy():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(2, 50)).astype(np.float32) * 3
+  deltas = rng.normal(size=(2, 50, 4)).astype(np.float32)
+  targets = rng.normal(size=(2, 50, 4)).astype(np.float32)
+  positive = rng.random((2, 50)) < 0.2
+  negative = ~positive & (rng.random((2, 50)) < 0.5)
+  for beta in (0.0, 0.5):
+    got = target_lib.rpn_loss(logits, deltas, positive, negative, targets, num_samples=32,
+                              smooth_l1_beta=beta)
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    bce = -(positive * np.log(p) + (1 - positive) * np.log(1 - p))
+    diff = np.abs(deltas - targets)
+    box = diff if beta == 0 else np.where(diff < beta, 0.5 * diff ** 2 / beta, diff - beta / 2)
+    np.testing.assert_allclose(got["rpn_objectness"], bce[positive | negative].sum() / 64, rtol=1e-5)
+    np.testing.assert_allclose(got["rpn_box"], box.sum(-1)[positive].sum() / 64, rtol=1e-5)
+
+
+def test_rpn_targets_decode_back_to_the_matched_boxes():
+  level_anchors = anchor_lib.multilevel_anchors(
+      anchor_lib.feature_sizes((64, 64), (8,)), strides=(8,), sizes=((16,),),
+      aspect_ratios=(0.5, 1.0, 2.0))
+  anchors = level_anchors[0]
+  gt = np.zeros((2, 3, 4), np.float32)
+  gt[0, 0] = [10, 12, 26, 30]
+  gt[0, 1] = [40, 40, 56, 50]
+  gt_valid = np.array([[True, True, False], [False, False, False]])
+  positive, negative, deltas = jax.jit(functools.partial(target_lib.rpn_targets, num_samples=32))(
+      anchors, gt, gt_valid, jax.random.key(0))
+  assert int(positive[0].sum()) >= 2 and not bool(positive[1].any())
+  assert int(negative[1].sum()) == 32 and int(positive[0].sum() + negative[0].sum()) == 32
+  for m in np.flatnonzero(positive[0]):
+    box = _np_decode(np.asarray(deltas[0, m])[None], anchors[m][None])[0]
+    ious = [np_iou(box, g) for g in gt[0, :2]]
+    assert max(ious) > 0.999, (m, box)
