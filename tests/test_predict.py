@@ -262,7 +262,7 @@ def test_find_inputs_takes_a_file_a_directory_or_a_glob(tmp_path):
 
 
 def test_predict_config_values_are_validated():
-  for key, value, why in (("overlap", 1.0, "in \\[0, 1\\)"), ("tile_size", 100, "divisible by 2"),
+  for key, value, why in (("overlap", 1.0, "in \\[0, 1\\)"), ("tile_size", 100, "divisible by 16 \\(2\\*\\*model.depth=16\\)"),
                           ("tta", "vflip", "one of none, hflip, hvflip"),
                           ("batch_size", 0, "positive integer")):
     config = config_lib.base_config()
