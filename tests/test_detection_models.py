@@ -10,6 +10,7 @@ import pytest
 from seg_jax.models import init_key
 from seg_jax.models.detection import anchors as anchor_lib
 from seg_jax.models.detection import fpn as fpn_lib
+from seg_jax.models.detection import roi_heads as roi_lib
 from seg_jax.models.detection import rpn as rpn_lib
 from seg_jax.models.detection import targets as target_lib
 from tests.test_detection_ops import np_greedy_nms, np_iou, np_random_boxes
@@ -244,3 +245,111 @@ def test_rpn_targets_decode_back_to_the_matched_boxes():
     box = _np_decode(np.asarray(deltas[0, m])[None], anchors[m][None])[0]
     ious = [np_iou(box, g) for g in gt[0, :2]]
     assert max(ious) > 0.999, (m, box)
+
+
+# ---------------------------------------------------------------------------- RoI heads
+
+def _np_decode_weighted(deltas, anchors, weights):
+  return _np_decode(np.asarray(deltas) / np.asarray(weights), anchors)
+
+
+@pytest.fixture(scope="module")
+def sampled_rois():
+  """Two images: one with two objects, proposals near them, background and padding; one empty."""
+  rng = np.random.default_rng(3)
+  gt_boxes = np.zeros((2, 3, 4), np.float32)
+  gt_boxes[0, 0] = [10, 10, 30, 34]
+  gt_boxes[0, 1] = [36, 40, 60, 62]
+  gt_classes = np.array([[2, 5, 0], [0, 0, 0]], np.int32)
+  gt_valid = np.array([[True, True, False], [False, False, False]])
+  proposals = np_random_boxes(rng, 2 * 40).reshape(2, 40, 4)
+  proposals[0, :6] = gt_boxes[0, 0] + rng.uniform(-2, 2, (6, 4))      # IoU >= 0.5 with object 0
+  proposals[0, 6:9] = gt_boxes[0, 1] + rng.uniform(-2, 2, (3, 4))
+  proposal_valid = np.ones((2, 40), bool)
+  proposal_valid[:, 30:] = False
+  fn = jax.jit(functools.partial(roi_lib.sample_rois, num_samples=24, positive_fraction=0.25))
+  rois = fn(proposals, proposal_valid, gt_boxes, gt_classes, gt_valid, jax.random.key(0))
+  return dict(rois=jax.tree.map(np.asarray, rois), gt_boxes=gt_boxes, gt_classes=gt_classes,
+              gt_valid=gt_valid, proposals=proposals, proposal_valid=proposal_valid)
+
+
+def test_sample_rois_labels_and_targets(sampled_rois):
+  r, gt = sampled_rois["rois"], sampled_rois["gt_boxes"]
+  assert r.boxes.shape == (2, 24, 4)
+  for n in range(2):
+    fg, valid = r.foreground[n], r.valid[n]
+    count = int(fg.sum())
+    assert fg[:count].all() and not fg[count:].any()          # foreground rows first
+    real = [g for g in range(3) if sampled_rois["gt_valid"][n, g]]
+    for s in range(24):
+      ious = [np_iou(r.boxes[n, s], gt[n, g]) for g in real]
+      if fg[s]:
+        g = r.matched_gt[n, s]
+        assert np_iou(r.boxes[n, s], gt[n, g]) >= 0.5 and r.classes[n, s] == sampled_rois["gt_classes"][n, g]
+        decoded = _np_decode_weighted(r.target_deltas[n, s][None], r.boxes[n, s][None],
+                                      roi_lib.BOX_WEIGHTS)[0]
+        np.testing.assert_allclose(decoded, gt[n, g], atol=1e-3)
+      elif valid[s]:
+        assert r.classes[n, s] == 0 and (not ious or max(ious) < 0.5)
+  # Image 0: 6 + 3 close proposals + 2 appended ground-truth boxes = 11 candidates, capped at 6.
+  assert int(r.foreground[0].sum()) == 6 and int(r.valid[0].sum()) == 24
+  # Image 1: no objects; 30 valid proposals, so all 24 rows are background.
+  assert int(r.foreground[1].sum()) == 0 and int(r.valid[1].sum()) == 24
+
+
+def test_box_and_mask_heads_shapes():
+  pooled = jnp.ones((2, 5, 7, 7, 8))
+  head = roi_lib.BoxHead(num_classes=3, hidden=16)
+  logits, deltas = head.apply(head.init(jax.random.key(0), pooled), pooled)
+  assert logits.shape == (2, 5, 4) and deltas.shape == (2, 5, 3, 4)
+  pooled = jnp.ones((2, 5, 14, 14, 8))
+  mask_head = roi_lib.MaskHead(num_classes=3, features=8)
+  assert mask_head.apply(mask_head.init(jax.random.key(0), pooled), pooled).shape == (2, 5, 28, 28, 3)
+
+
+def test_fast_rcnn_loss_matches_numpy(sampled_rois):
+  r = sampled_rois["rois"]
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(2, 24, 6)).astype(np.float32)
+  deltas = rng.normal(size=(2, 24, 5, 4)).astype(np.float32)
+  got = roi_lib.fast_rcnn_loss(logits, deltas, roi_lib.SampledRois(*r))
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  count = r.valid.sum()
+  ce = sum(-log_probs[n, s, r.classes[n, s]] for n in range(2) for s in range(24) if r.valid[n, s])
+  reg = sum(np.abs(deltas[n, s, r.classes[n, s] - 1] - r.target_deltas[n, s]).sum()
+            for n in range(2) for s in range(24) if r.foreground[n, s])
+  np.testing.assert_allclose(got["box_cls"], ce / count, rtol=1e-5)
+  np.testing.assert_allclose(got["box_reg"], reg / count, rtol=1e-5)
+
+
+def test_mask_targets_and_loss_match_numpy(sampled_rois):
+  from tests.test_detection_ops import np_roi_align_one
+  r = roi_lib.SampledRois(*sampled_rois["rois"])
+  masks = np.zeros((2, 3, 64, 80), np.float32)
+  for g, (y0, x0, y1, x1) in enumerate(sampled_rois["gt_boxes"][0, :2].astype(int)):
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    masks[0, g, y0:y1, x0:x1] = ((yy - (y0 + y1) / 2) ** 2 / ((y1 - y0) / 2) ** 2
+                                 + (xx - (x0 + x1) / 2) ** 2 / ((x1 - x0) / 2) ** 2) <= 1
+  targets = np.asarray(roi_lib.mask_targets(jnp.asarray(masks), r, size=14))
+  assert targets.shape == (2, 24, 14, 14)
+  for s in range(24):
+    if r.foreground[0, s]:
+      g = int(r.matched_gt[0, s])
+      want = np_roi_align_one(masks[0, g][..., None], np.asarray(r.boxes[0, s], np.float64),
+                              (14, 14), 1.0, 2, True)[..., 0] >= 0.5
+      np.testing.assert_array_equal(targets[0, s], want)
+    else:
+      assert not targets[0, s].any()
+  assert targets[0][np.asarray(r.foreground[0])].mean() > 0.3     # the ellipses are in there
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(2, 24, 14, 14, 5)).astype(np.float32)
+  got = roi_lib.mask_loss(logits, targets, r)
+  total, count = 0.0, 0
+  for n in range(2):
+    for s in range(24):
+      if r.foreground[n, s]:
+        x = logits[n, s, :, :, r.classes[n, s] - 1].astype(np.float64)
+        t = targets[n, s]
+        total += (np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0) - x * t).sum()
+        count += x.size
+  np.testing.assert_allclose(got, total / count, rtol=1e-5)
