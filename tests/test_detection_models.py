@@ -353,3 +353,65 @@ def test_mask_targets_and_loss_match_numpy(sampled_rois):
         total += (np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0) - x * t).sum()
         count += x.size
   np.testing.assert_allclose(got, total / count, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- inference
+
+def test_detect_matches_numpy():
+  from seg_jax.models.detection import postprocess
+  rng = np.random.default_rng(6)
+  n, r, k = 2, 30, 3
+  logits = (rng.normal(size=(n, r, k + 1)) * 2).astype(np.float32)
+  deltas = (rng.normal(size=(n, r, k, 4))).astype(np.float32)
+  rois = np_random_boxes(rng, n * r).reshape(n, r, 4)
+  rois[:, :10] = rois[:, :1]                      # overlapping RoIs, so NMS has work
+  roi_valid = rng.random((n, r)) < 0.9
+  fn = jax.jit(functools.partial(postprocess.detect, image_size=(64, 70), score_threshold=0.2,
+                                 iou_threshold=0.5, max_detections=12))
+  boxes, scores, classes, valid = fn(logits, deltas, rois, roi_valid)
+  for i in range(n):
+    probs = np.exp(logits[i]) / np.exp(logits[i]).sum(-1, keepdims=True)
+    cand_boxes, cand_scores, cand_classes = [], [], []
+    for j in range(r):
+      for c in range(1, k + 1):
+        box = _np_decode_weighted(deltas[i, j, c - 1][None], rois[i, j][None], (10, 10, 5, 5))[0]
+        box[[0, 2]] = box[[0, 2]].clip(0, 64)
+        box[[1, 3]] = box[[1, 3]].clip(0, 70)
+        if roi_valid[i, j] and probs[j, c] > 0.2 and box[2] > box[0] and box[3] > box[1]:
+          cand_boxes.append(box)
+          cand_scores.append(probs[j, c])
+          cand_classes.append(c)
+    kept = np_greedy_nms(np.array(cand_boxes), np.array(cand_scores), 0.5,
+                         classes=cand_classes)[:12]
+    count = int(valid[i].sum())
+    assert count == len(kept)
+    np.testing.assert_allclose(boxes[i, :count], np.array(cand_boxes)[kept], atol=1e-3)
+    np.testing.assert_allclose(scores[i, :count], np.array(cand_scores)[kept], rtol=1e-5)
+    np.testing.assert_array_equal(classes[i, :count], np.array(cand_classes)[kept])
+
+
+def test_paste_masks_matches_numpy():
+  from seg_jax.models.detection import postprocess
+  rng = np.random.default_rng(7)
+  masks = rng.random((3, 7, 7)).astype(np.float32)
+  boxes = np.array([[4.3, 5.0, 20.7, 15.2], [-3.0, 10.0, 9.0, 40.0], [10.0, 10.0, 10.5, 30.0]],
+                   np.float32)
+  got = np.asarray(postprocess.paste_masks(jnp.asarray(masks), jnp.asarray(boxes), (24, 36)))
+  want = np.zeros((3, 24, 36))
+  for d, (y0, x0, y1, x1) in enumerate(boxes.astype(np.float64)):
+    for y in range(24):
+      for x in range(36):
+        cy, cx = y + 0.5, x + 0.5
+        if not (y0 <= cy < y1 and x0 <= cx < x1):
+          continue
+        u = min(max((cy - y0) / (y1 - y0) * 7 - 0.5, 0), 6)
+        v = min(max((cx - x0) / (x1 - x0) * 7 - 0.5, 0), 6)
+        u0, v0 = int(np.floor(u)), int(np.floor(v))
+        u1, v1 = min(u0 + 1, 6), min(v0 + 1, 6)
+        fu, fv = u - u0, v - v0
+        want[d, y, x] = ((1 - fu) * (1 - fv) * masks[d, u0, v0] + (1 - fu) * fv * masks[d, u0, v1]
+                         + fu * (1 - fv) * masks[d, u1, v0] + fu * fv * masks[d, u1, v1])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # A full mask covers exactly the pixels whose centres are in the box.
+  ones = np.asarray(postprocess.paste_masks(jnp.ones((1, 7, 7)), jnp.asarray(boxes[:1]), (24, 36)))
+  assert ones[0].sum() == 17 * 10 and ones[0, 4:21, 5:15].min() == 1.0   # centres 4.5..20.5, 5.5..14.5
