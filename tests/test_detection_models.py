@@ -415,3 +415,88 @@ def test_paste_masks_matches_numpy():
   # A full mask covers exactly the pixels whose centres are in the box.
   ones = np.asarray(postprocess.paste_masks(jnp.ones((1, 7, 7)), jnp.asarray(boxes[:1]), (24, 36)))
   assert ones[0].sum() == 17 * 10 and ones[0, 4:21, 5:15].min() == 1.0   # centres 4.5..20.5, 5.5..14.5
+
+
+# ---------------------------------------------------------------------------- the whole model
+
+def _tiny_mask_rcnn(**overrides):
+  from seg_jax.models.detection import mask_rcnn
+  settings = dict(num_classes=2, backbone="resnet10", width=8, stem="small", fpn_features=16,
+                  anchor_sizes=((8,), (16,), (32,), (64,), (128,)), rpn_pre_nms_topk=64,
+                  rpn_post_nms_topk=64, rpn_num_samples=64, roi_num_samples=32,
+                  canonical_size=56.0, box_head_hidden=32, mask_head_features=8,
+                  detections_per_image=10)
+  settings.update(overrides)
+  return mask_rcnn.MaskRCNN(**settings)
+
+
+def _tiny_scene(rng, n=2, size=64):
+  """Bright rectangles (class 1) and discs (class 2) on noise, with padded ground truth."""
+  images = rng.normal(0, 0.1, (n, size, size, 3)).astype(np.float32)
+  boxes = np.zeros((n, 3, 4), np.float32)
+  classes = np.zeros((n, 3), np.int32)
+  valid = np.zeros((n, 3), bool)
+  masks = np.zeros((n, 3, size, size), np.float32)
+  yy, xx = np.mgrid[:size, :size] + 0.5
+  for i in range(n):
+    for g, (y0, x0, side, cls) in enumerate([(8, 8 + 20 * i, 18, 1), (36, 30 - 10 * i, 22, 2)]):
+      y1, x1 = y0 + side, x0 + side
+      if cls == 1:
+        m = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+      else:
+        m = (yy - (y0 + y1) / 2) ** 2 + (xx - (x0 + x1) / 2) ** 2 <= (side / 2) ** 2
+      images[i][m] += 1.0 if cls == 1 else -1.0
+      boxes[i, g] = [y0, x0, y1, x1]
+      classes[i, g] = cls
+      valid[i, g] = True
+      masks[i, g] = m
+  targets = {"gt_boxes": boxes, "gt_classes": classes, "gt_valid": valid, "gt_masks": masks}
+  return images, targets
+
+
+def test_mask_rcnn_train_steps_lower_the_loss_and_compile_once():
+  import optax
+  from seg_jax.models.detection import mask_rcnn
+  model = _tiny_mask_rcnn()
+  images, targets = _tiny_scene(np.random.default_rng(0))
+  variables = model.init({"params": jax.random.key(0), "sampling": jax.random.key(1)},
+                         images, targets, train=True)
+  tx = optax.adam(3e-3)
+  opt_state = tx.init(variables["params"])
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, images, targets, key):
+    def loss_fn(params):
+      losses, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
+                                    targets, train=True, rngs={"sampling": key},
+                                    mutable=["batch_stats"])
+      return mask_rcnn.total_loss(losses), (losses, updates["batch_stats"])
+    (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss, losses
+
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  history = []
+  for i in range(12):
+    params, batch_stats, opt_state, loss, losses = step(
+        params, batch_stats, opt_state, images, targets, jax.random.key(100 + i))
+    history.append(float(loss))
+    assert set(mask_rcnn.LOSS_TERMS) <= set(losses) and all(np.isfinite(float(v)) for v in losses.values())
+  assert np.mean(history[-3:]) < 0.8 * np.mean(history[:3]), history
+  # Another batch of the same shapes runs the same compiled program.
+  other_images, other_targets = _tiny_scene(np.random.default_rng(1))
+  step(params, batch_stats, opt_state, other_images, other_targets, jax.random.key(7))
+  assert step._cache_size() == 1
+
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      {"params": params, "batch_stats": batch_stats}, images)
+  assert out["boxes"].shape == (2, 10, 4) and out["masks"].shape == (2, 10, 28, 28)
+  assert out["valid"].dtype == jnp.bool_ and out["classes"].shape == (2, 10)
+
+
+def test_faster_rcnn_has_no_mask_head():
+  model = _tiny_mask_rcnn(with_masks=False)
+  images, targets = _tiny_scene(np.random.default_rng(0))
+  variables = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0), "sampling": jax.random.key(1)}, images, targets, train=True))
+  assert "mask_head" not in variables["params"] and "box_head" in variables["params"]

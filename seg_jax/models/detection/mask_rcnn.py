@@ -1,0 +1,142 @@
+"""Faster R-CNN and Mask R-CNN (He et al., 2017) as one linen module with static shapes.
+
+`MaskRCNN(...)(images, targets, train=True)` returns the training losses;
+`MaskRCNN(...)(images, train=False)` returns fixed-size detections. Every
+array has a shape known at trace time, so the whole model jits once per
+image size and runs data-parallel like the semantic models:
+
+- anchors are numpy constants computed from the pyramid's static sizes;
+- the RPN keeps a fixed `pre_nms_topk` per level and `post_nms_topk` proposals
+  per image, padded, with a validity mask (`rpn.generate_proposals`);
+- ground truth comes padded to G boxes per image with `gt_valid`;
+- the second stage samples exactly `roi_num_samples` RoIs per image, foreground
+  first (`roi_heads.sample_rois`), and the mask head runs on the first
+  `roi_num_samples * roi_positive_fraction` of them, which hold every sampled
+  foreground RoI (padding rows carry no loss);
+- inference keeps `detections_per_image` boxes per image with a validity mask.
+
+The price of static shapes: padded rows cost compute, and the budgets
+(G, proposals, RoIs, detections) are fixed per config rather than per image.
+
+Targets (train): `gt_boxes [N, G, 4]` (y0, x0, y1, x1) in pixels, `gt_classes
+[N, G]` in 1..K, `gt_valid [N, G]` bool, and for masks `gt_masks [N, G, H, W]`.
+Sampling needs the 'sampling' PRNG stream (`rngs={'sampling': key}`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seg_jax.models.detection import anchors as anchor_ops
+from seg_jax.models.detection import fpn as fpn_ops
+from seg_jax.models.detection import postprocess
+from seg_jax.models.detection import roi_align as roi_ops
+from seg_jax.models.detection import roi_heads
+from seg_jax.models.detection import rpn as rpn_ops
+from seg_jax.models.detection import targets as target_ops
+
+RPN_LEVELS = (2, 3, 4, 5, 6)   # P2-P6 for proposals
+ROI_LEVELS = (2, 3, 4, 5)      # P2-P5 for RoIAlign
+
+
+class MaskRCNN(nn.Module):
+  num_classes: int                                   # K object classes (no background)
+  with_masks: bool = True                            # False: Faster R-CNN
+  backbone: str = "resnet50"
+  width: int = 64
+  stem: str = "imagenet"
+  norm: str = "batch"
+  norm_groups: int = 8
+  fpn_features: int = 256
+  anchor_sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,))
+  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
+  rpn_pre_nms_topk: int = 2000                       # per level
+  rpn_post_nms_topk: int = 1000                      # per image
+  rpn_nms_threshold: float = 0.7
+  rpn_num_samples: int = 256
+  roi_num_samples: int = 512
+  roi_positive_fraction: float = 0.25
+  canonical_size: float = 224.0                      # RoI level assignment (FPN eq. 1)
+  box_head_hidden: int = 1024
+  mask_head_features: int = 256
+  mask_size: int = 28
+  score_threshold: float = 0.05
+  nms_threshold: float = 0.5
+  detections_per_image: int = 100
+  dtype: Any = jnp.float32
+
+  def _anchors(self, pyramid: dict[str, jax.Array]):
+    sizes = [pyramid[f"p{k}"].shape[1:3] for k in RPN_LEVELS]
+    return anchor_ops.multilevel_anchors(sizes, strides=[2 ** k for k in RPN_LEVELS],
+                                         sizes=self.anchor_sizes, aspect_ratios=self.aspect_ratios)
+
+  def _pool(self, pyramid, boxes, size):
+    return roi_ops.multilevel_roi_align(
+        [pyramid[f"p{k}"] for k in ROI_LEVELS], boxes, min_level=ROI_LEVELS[0], output_size=size,
+        sampling_ratio=2, canonical_size=self.canonical_size)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, targets: dict | None = None, *, train: bool):
+    image_size = images.shape[1:3]
+    pyramid = fpn_ops.ResNetFPN(self.backbone, self.width, self.stem, self.norm, self.norm_groups,
+                                self.fpn_features, self.dtype, name="backbone")(images, train=train)
+    level_anchors = self._anchors(pyramid)
+    num_anchors = anchor_ops.num_anchors_per_cell(self.anchor_sizes[0], self.aspect_ratios)
+    logits, deltas = rpn_ops.RPNHead(num_anchors, self.dtype, name="rpn")(
+        [pyramid[f"p{k}"] for k in RPN_LEVELS])
+    proposals, _, proposal_valid = rpn_ops.generate_proposals(
+        logits, deltas, level_anchors, image_size, pre_nms_topk=self.rpn_pre_nms_topk,
+        post_nms_topk=self.rpn_post_nms_topk, iou_threshold=self.rpn_nms_threshold)
+    box_head = roi_heads.BoxHead(self.num_classes, self.box_head_hidden, self.dtype,
+                                 name="box_head")
+    mask_head = (roi_heads.MaskHead(self.num_classes, self.mask_head_features, dtype=self.dtype,
+                                    name="mask_head") if self.with_masks else None)
+    half = self.mask_size // 2
+
+    if not train:
+      class_logits, box_deltas = box_head(self._pool(pyramid, proposals, 7))
+      boxes, scores, classes, valid = postprocess.detect(
+          class_logits, box_deltas, proposals, proposal_valid, image_size,
+          score_threshold=self.score_threshold, iou_threshold=self.nms_threshold,
+          max_detections=self.detections_per_image)
+      out = {"boxes": boxes, "scores": scores, "classes": classes, "valid": valid}
+      if mask_head is not None:
+        mask_logits = mask_head(self._pool(pyramid, boxes, half))             # [N, D, M, M, K]
+        index = jnp.maximum(classes - 1, 0)[..., None, None, None]
+        out["masks"] = jax.nn.sigmoid(jnp.take_along_axis(mask_logits, index, axis=-1)[..., 0])
+      return out
+
+    rpn_key, roi_key = jax.random.split(self.make_rng("sampling"))
+    all_anchors = jnp.concatenate([jnp.asarray(a) for a in level_anchors], axis=0)
+    positive, negative, target_deltas = target_ops.rpn_targets(
+        all_anchors, targets["gt_boxes"], targets["gt_valid"], rpn_key,
+        num_samples=self.rpn_num_samples)
+    losses = target_ops.rpn_loss(logits, deltas, positive, negative, target_deltas,
+                                 num_samples=self.rpn_num_samples)
+    rois = roi_heads.sample_rois(proposals, proposal_valid, targets["gt_boxes"],
+                                 targets["gt_classes"], targets["gt_valid"], roi_key,
+                                 num_samples=self.roi_num_samples,
+                                 positive_fraction=self.roi_positive_fraction)
+    class_logits, box_deltas = box_head(self._pool(pyramid, rois.boxes, 7))
+    losses.update(roi_heads.fast_rcnn_loss(class_logits, box_deltas, rois))
+    if mask_head is not None:
+      # Foreground rows come first and number at most this many.
+      num_fg = int(self.roi_num_samples * self.roi_positive_fraction)
+      fg_rois = jax.tree.map(lambda x: x[:, :num_fg], rois)
+      mask_logits = mask_head(self._pool(pyramid, fg_rois.boxes, half))
+      mask_targets = roi_heads.mask_targets(targets["gt_masks"], fg_rois, size=self.mask_size)
+      losses["mask"] = roi_heads.mask_loss(mask_logits, mask_targets, fg_rois)
+    losses["roi_foreground_fraction"] = rois.foreground.sum() / jnp.maximum(rois.valid.sum(), 1)
+    return losses
+
+
+LOSS_TERMS = ("rpn_objectness", "rpn_box", "box_cls", "box_reg", "mask")
+
+
+def total_loss(losses: dict[str, jax.Array]) -> jax.Array:
+  """Sum of the loss terms (diagnostics such as roi_foreground_fraction are not)."""
+  return sum(losses[name] for name in LOSS_TERMS if name in losses)
