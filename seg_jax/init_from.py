@@ -15,11 +15,11 @@ Host code: it reads files and builds the state's arrays once, before step 0.
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import os
 import re
 
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -58,22 +58,9 @@ class InitReport:
     return "\n".join(lines)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+def flatten(tree) -> dict[str, object]:
   """{'a': {'b': x}} -> {'a/b': x}."""
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, collections.abc.Mapping):
-      out.update(flatten(value, f"{name}/"))
-    else:
-      out[name] = value
-  return out
-
-
-def _unflatten_like(flat: dict[str, object], tree: dict, prefix: str = "") -> dict:
-  return {key: (_unflatten_like(flat, value, f"{prefix}{key}/")
-                if isinstance(value, collections.abc.Mapping)
-                else flat[f"{prefix}{key}"]) for key, value in tree.items()}
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def save_npz(path: str, variables: dict) -> None:
@@ -118,7 +105,7 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
   except Exception as e:  # orbax/tensorstore raise many types for unreadable data
     raise InitFromError(f"model.init_from={path!r}: the checkpoint in {item} cannot be read "
                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
-  tree = {k: restored[k] for k in COLLECTIONS if isinstance(restored.get(k), collections.abc.Mapping)}
+  tree = {k: restored[k] for k in COLLECTIONS if restored.get(k)}
   if "params" not in tree:
     raise InitFromError(f"model.init_from={path!r}: the checkpoint in {item} has no 'params'")
   return {name: np.asarray(value) for name, value in flatten(tree).items()}
@@ -149,7 +136,6 @@ def initialize(variables: dict, path: str) -> tuple[dict, InitReport]:
     raise InitFromError(f"model.init_from={path!r}: none of its {len(source)} arrays matches "
                         f"this model by path and shape\n{report.summary(max_listed=5)}")
   new = dict(variables)
-  for collection in COLLECTIONS:
-    if collection in variables and variables[collection]:
-      new[collection] = _unflatten_like(new_flat, variables[collection], f"{collection}/")
+  new.update({k: v for k, v in traverse_util.unflatten_dict(new_flat, sep="/").items()
+              if variables.get(k)})
   return new, report
