@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import optax
 
 from seg_jax.models import layers
 from seg_jax.models.detection import boxes as box_ops
@@ -121,8 +122,7 @@ def fast_rcnn_loss(class_logits: jax.Array, box_deltas: jax.Array, rois: Sampled
   """Softmax cross-entropy over the sampled RoIs, and box regression of the ground-truth class
   on foreground RoIs; both divided by the number of sampled RoIs (detectron2's normalisation)."""
   count = jnp.maximum(rois.valid.sum(), 1)
-  log_probs = jax.nn.log_softmax(class_logits, axis=-1)
-  ce = -jnp.take_along_axis(log_probs, rois.classes[..., None], axis=-1)[..., 0]
+  ce = optax.softmax_cross_entropy_with_integer_labels(class_logits, rois.classes)
   cls_loss = jnp.sum(jnp.where(rois.valid, ce, 0.0)) / count
   class_index = jnp.maximum(rois.classes - 1, 0)
   chosen = jnp.take_along_axis(box_deltas, class_index[..., None, None], axis=-2)[..., 0, :]
@@ -148,8 +148,7 @@ def mask_loss(mask_logits: jax.Array, targets: jax.Array, rois: SampledRois) -> 
   """Mean per-pixel BCE of the ground-truth class's mask over foreground RoIs (0 if none)."""
   class_index = jnp.maximum(rois.classes - 1, 0)
   logits = jnp.take_along_axis(mask_logits, class_index[..., None, None, None], axis=-1)[..., 0]
-  targets = targets.astype(jnp.float32)
-  bce = jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  bce = optax.sigmoid_binary_cross_entropy(logits, targets.astype(jnp.float32))
   pixels = logits.shape[-1] * logits.shape[-2]
   count = jnp.maximum(rois.foreground.sum(), 1) * pixels
   return jnp.sum(jnp.where(rois.foreground[..., None, None], bce, 0.0)) / count

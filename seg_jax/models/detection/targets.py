@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+import optax
 
 from seg_jax.models.detection import boxes as box_ops
 
@@ -122,7 +123,7 @@ def rpn_loss(logits: jax.Array, deltas: jax.Array, positive: jax.Array, negative
   the positives, both summed and divided by `num_samples * N` (the sampling budget)."""
   normalizer = num_samples * logits.shape[0]
   sampled = positive | negative
-  bce = jnp.maximum(logits, 0) - logits * positive + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  bce = optax.sigmoid_binary_cross_entropy(logits, positive.astype(logits.dtype))
   objectness = jnp.sum(jnp.where(sampled, bce, 0.0)) / normalizer
   box = smooth_l1(deltas - target_deltas, smooth_l1_beta).sum(axis=-1)
   regression = jnp.sum(jnp.where(positive, box, 0.0)) / normalizer
