@@ -109,6 +109,13 @@ def _norm(x, kind: str, groups: int, dtype: Any, *, train: bool):
   return x if norm is None else norm(x)
 
 
+def _add_shortcut(x, y, features: int, stride: int, norm, dtype, bias: bool):
+  """relu(shortcut + y): the identity, or a strided 1x1 projection where the shape changes."""
+  if stride != 1 or x.shape[-1] != features:
+    x = norm(_conv(features, 1, stride, dtype=dtype, use_bias=bias, name="proj")(x))
+  return nn.relu(x + y)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs with an identity (or 1x1 projection) shortcut."""
   features: int
@@ -125,11 +132,7 @@ class BasicBlock(nn.Module):
     y = _conv(self.features, 3, self.stride, self.dilation, dtype=self.dtype, use_bias=bias)(x)
     y = nn.relu(norm(y))
     y = _conv(self.features, 3, 1, self.dilation, dtype=self.dtype, use_bias=bias)(y)
-    y = norm(y)
-    if self.stride != 1 or x.shape[-1] != self.features:
-      x = _conv(self.features, 1, self.stride, dtype=self.dtype, use_bias=bias, name="proj")(x)
-      x = norm(x)
-    return nn.relu(x + y)
+    return _add_shortcut(x, norm(y), self.features, self.stride, norm, self.dtype, bias)
 
 
 class Bottleneck(nn.Module):
@@ -150,10 +153,7 @@ class Bottleneck(nn.Module):
     y = _conv(self.features, 3, self.stride, self.dilation, dtype=self.dtype, use_bias=bias)(y)
     y = nn.relu(norm(y))
     y = norm(_conv(out, 1, dtype=self.dtype, use_bias=bias)(y))
-    if self.stride != 1 or x.shape[-1] != out:
-      x = _conv(out, 1, self.stride, dtype=self.dtype, use_bias=bias, name="proj")(x)
-      x = norm(x)
-    return nn.relu(x + y)
+    return _add_shortcut(x, y, out, self.stride, norm, self.dtype, bias)
 
 
 class ResNet(nn.Module):
@@ -199,9 +199,9 @@ class ResNet(nn.Module):
       raise ValueError(f"unknown stem {self.stem!r}; allowed: {', '.join(STEMS)}")
     for stage, (count, stride, dilation) in enumerate(zip(blocks, strides, dilations)):
       for i in range(count):
-        # The first block of a dilated stage uses the previous dilation, as in DeepLab's
+        # The first block of a stage keeps the previous stage's dilation, as in DeepLab's
         # atrous ResNet (torchvision's replace_stride_with_dilation), to avoid gridding.
-        first_dilation = max(1, dilation // 2) if stride == 1 and stage and dilation > 1 else dilation
+        first_dilation = dilations[stage - 1] if stage else dilation
         x = block_cls(self.width * 2 ** stage, stride if i == 0 else 1,
                       first_dilation if i == 0 else dilation, self.norm, self.norm_groups,
                       self.dtype, name=f"stage{stage + 1}_block{i + 1}")(x, train=train)
