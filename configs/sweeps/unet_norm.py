@@ -16,17 +16,11 @@ Trained on its own, the file is the batch-norm run with seed 0:
 
 import ml_collections
 
-from configs import unet
+from configs.sweeps import unet_losses
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = unet.get_config()
-  config.num_train_steps = 400
-  config.optimizer.warmup_steps = 40
-  config.log_every_steps = 40
-  config.eval_every_steps = 80          # 5 points per curve
-  config.checkpoint_every_steps = 200
-  return config
+  return unet_losses.get_config()   # configs/unet.py on the same 400-step schedule
 
 
 def get_sweep() -> dict:
