@@ -25,6 +25,10 @@ TTA_MODES = ("none", "hflip", "hvflip")
 ON_NONFINITE = ("stop", "skip")
 
 
+DETECTION_MODELS = ("mask_rcnn", "faster_rcnn")
+INSTANCE_DATASETS = ("shapes",)   # datasets whose examples carry instance masks and boxes
+
+
 class ConfigError(ValueError):
   """A config key is unknown or has a bad value; the message is one line."""
 
@@ -60,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.num_validation = 200
   c.dataset.num_test = 200
   c.dataset.eval_split = "validation"
+  c.dataset.max_instances = 16      # instance tasks: objects per image (padded; more is an error)
   # folder: DIR with images/ and masks/ (paired by file stem), optional splits/ and classes.txt.
   # ade20k: the extracted ADEChallengeData2016/ folder.
   c.dataset.root = ""
@@ -117,6 +122,29 @@ def base_config() -> ml_collections.ConfigDict:
   # a workdir, an Orbax checkpoint directory, or an .npz of arrays named by '/'-joined paths.
   # Ignored when the workdir already has a checkpoint (resume wins). Never downloads.
   c.model.init_from = ""
+
+  # Detection models (model.name = mask_rcnn | faster_rcnn): a ResNet (model.backbone,
+  # model.width, model.backbone_stem: imagenet | small, both of stride 4) with an FPN, and these
+  # budgets and thresholds (seg_jax/models/detection/mask_rcnn.py). Every budget is a static
+  # shape: each image is given exactly this many anchors, proposals, RoIs and detections.
+  c.detection = ml_collections.ConfigDict()
+  c.detection.fpn_features = 256
+  c.detection.anchor_sizes = (32, 64, 128, 256, 512)  # anchor side of P2..P6, pixels
+  c.detection.aspect_ratios = (0.5, 1.0, 2.0)  # anchor height / width
+  c.detection.rpn_pre_nms_topk = 2000   # proposals kept per level before NMS
+  c.detection.rpn_post_nms_topk = 1000  # proposals per image after NMS
+  c.detection.rpn_nms_threshold = 0.7
+  c.detection.rpn_num_samples = 256     # anchors per image in the RPN loss (half positive at most)
+  c.detection.roi_num_samples = 512     # RoIs per image in the second stage's losses
+  c.detection.roi_positive_fraction = 0.25
+  c.detection.canonical_size = 224.0    # RoI of this side pools from P4 (FPN paper, eq. 1)
+  c.detection.box_head_hidden = 1024    # the two FC layers of the box head
+  c.detection.mask_head_features = 256  # the four 3x3 convs of the mask head
+  c.detection.mask_size = 28            # mask head output, per RoI and class
+  c.detection.score_threshold = 0.05    # inference: lowest class probability kept
+  c.detection.nms_threshold = 0.5       # inference: per-class NMS IoU
+  c.detection.detections_per_image = 100
+  c.detection.visual_score_threshold = 0.5  # eval pictures: detections drawn
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "ce+dice"           # '+'-joined terms from ce, bce, dice, focal
@@ -214,6 +242,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("model.norm_groups", config.model.norm_groups,
           f"must divide model.width={config.model.width}")
   _validate_model(config)
+  if task(config) == "instance":
+    _validate_detection(config)
   divisor = registry.input_divisor(config)
   if config.dataset.image_size % divisor:
     _fail("dataset.image_size", config.dataset.image_size,
@@ -303,8 +333,52 @@ def _validate_dataset(config: ml_collections.ConfigDict) -> None:
           f"height and width must be divisible by {divisor} ({_divisor_reason(config)})")
 
 
+def task(config: ml_collections.ConfigDict) -> str:
+  """'instance' for the detection models (boxes and instance masks), else 'semantic'."""
+  return "instance" if config.model.name in DETECTION_MODELS else "semantic"
+
+
+def _validate_detection(config: ml_collections.ConfigDict) -> None:
+  """Dataset, backbone and budgets of a detection model."""
+  from seg_jax.models import resnet
+  d, m, det = config.dataset, config.model, config.detection
+  if d.name not in INSTANCE_DATASETS:
+    _fail("dataset.name", d.name, f"model.name={m.name!r} needs instance annotations; datasets "
+          f"with them: {', '.join(INSTANCE_DATASETS)}")
+  if m.backbone not in resnet.RESNETS:
+    _fail("model.backbone", m.backbone,
+          f"{m.name} needs a ResNet: one of {', '.join(resnet.RESNETS)}")
+  if resnet.STEM_STRIDES[m.backbone_stem] != 4:
+    _fail("model.backbone_stem", m.backbone_stem, "the FPN needs a stem of stride 4: imagenet or small")
+  if len(det.anchor_sizes) != 5 or any(s <= 0 for s in det.anchor_sizes):
+    _fail("detection.anchor_sizes", det.anchor_sizes, "must be 5 positive sizes, one per P2..P6")
+  if not det.aspect_ratios or any(r <= 0 for r in det.aspect_ratios):
+    _fail("detection.aspect_ratios", det.aspect_ratios, "must be positive height/width ratios")
+  for key in ("fpn_features", "rpn_pre_nms_topk", "rpn_post_nms_topk", "rpn_num_samples",
+              "roi_num_samples", "box_head_hidden", "mask_head_features", "mask_size",
+              "detections_per_image"):
+    value = det[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      _fail(f"detection.{key}", value, "must be a positive integer")
+  if det.mask_size % 2:
+    _fail("detection.mask_size", det.mask_size, "must be even (the head upsamples 2x)")
+  for key in ("rpn_nms_threshold", "nms_threshold", "score_threshold", "roi_positive_fraction",
+              "visual_score_threshold"):
+    if not 0 <= det[key] <= 1:
+      _fail(f"detection.{key}", det[key], "must be in [0, 1]")
+  if int(det.roi_num_samples * det.roi_positive_fraction) < 1:
+    _fail("detection.roi_positive_fraction", det.roi_positive_fraction,
+          f"leaves no foreground RoI of roi_num_samples={det.roi_num_samples}")
+  if not isinstance(d.max_instances, int) or d.max_instances <= 0:
+    _fail("dataset.max_instances", d.max_instances, "must be a positive integer")
+  if m.norm == "group" and m.width % m.norm_groups:
+    _fail("model.norm_groups", m.norm_groups, f"must divide model.width={m.width}")
+
+
 def _divisor_reason(config: ml_collections.ConfigDict) -> str:
   m = config.model
+  if m.name in DETECTION_MODELS:
+    return f"the input multiple of {m.name}'s ResNet-FPN"
   if m.name == "deeplabv3plus":
     return f"the input multiple of deeplabv3plus at model.output_stride={m.output_stride}"
   if m.backbone:

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from seg_jax import config as config_lib
 from seg_jax.data import standard
 from seg_jax.data import transforms
 from seg_jax.data.errors import DataError
@@ -139,13 +140,39 @@ def _decoder(config: ml_collections.ConfigDict):
     table = standard.label_table(config.dataset.name, config.dataset.num_classes,
                                  config.dataset.ignore_label)
 
+  instances = config_lib.task(config) == "instance"
+
   def decode(example):
     mask = tf.cast(example[mask_key][..., 0], tf.int32)
     if table is not None:
       mask = tf.gather(tf.constant(table), mask)
-    return {"image": example[image_key], "mask": mask, "id": example[id_key]}
+    out = {"image": example[image_key], "mask": mask, "id": example[id_key]}
+    if instances:
+      objects = example["objects"]
+      out["instance_masks"], out["classes"], out["num_instances"] = transforms.pad_instances(
+          objects["mask"][..., 0], objects["label"], config.dataset.max_instances)
+    return out
 
   return decode
+
+
+def _view(example: dict, image, mask) -> dict:
+  """The output example of an augmentation: image, mask and (instance tasks) the instance
+  fields read back from the transformed label stack."""
+  out = {"image": image, "id": example["id"]}
+  if "instance_masks" in example:
+    out.update(transforms.unpack_instances(mask, example["classes"]))
+    out["num_instances"] = example["num_instances"]
+  else:
+    out["mask"] = mask
+  return out
+
+
+def _labels(example: dict):
+  """The label map the geometric transforms move: the mask, or the stack of mask and instances."""
+  if "instance_masks" in example:
+    return transforms.pack_instances(example["mask"], example["instance_masks"])
+  return example["mask"]
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -192,8 +219,7 @@ def _check_labels(batch: dict[str, np.ndarray], num_classes: int, ignore_label: 
   bad &= mask != ignore_label
   if bad.any():
     rows = np.nonzero(bad.reshape(len(mask), -1).any(axis=1))[0]
-    ids = [batch["id"][i].decode() if isinstance(batch["id"][i], bytes) else str(batch["id"][i])
-           for i in rows[:5]]
+    ids = _example_ids(batch, rows)
     values = np.unique(mask[bad])[:10].tolist()
     raise DataError(f"mask values {values} outside [0, {num_classes}) and not ignore_label="
                     f"{ignore_label} in examples {ids}")
@@ -205,9 +231,24 @@ def check_eval_split(config: ml_collections.ConfigDict, builder: tfds.core.Datas
   eval_canvas(config, builder, config.dataset.eval_split)
 
 
+def _example_ids(batch: dict, rows) -> list[str]:
+  return [batch["id"][i].decode() if isinstance(batch["id"][i], bytes) else str(batch["id"][i])
+          for i in rows[:5]]
+
+
+def _check_instances(batch: dict[str, np.ndarray], max_instances: int) -> None:
+  counts = batch.pop("num_instances")
+  if (counts > max_instances).any():
+    rows = np.nonzero(counts > max_instances)[0]
+    raise DataError(f"examples {_example_ids(batch, rows)} have {counts[rows].max()} objects, more "
+                    f"than dataset.max_instances={max_instances}; raise it")
+
+
 def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict) -> Iterator[dict]:
   for batch in tfds.as_numpy(ds.with_options(_input_options())):
     _check_labels(batch, config.dataset.num_classes, config.dataset.ignore_label)
+    if "num_instances" in batch:
+      _check_instances(batch, config.dataset.max_instances)
     batch.pop("id")
     yield batch
 
@@ -237,9 +278,9 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   def augment(index, example):
     seed = tf.stack([tf.constant(stream_seed, tf.int64), index])
     image, mask = transforms.train_augment(
-        example["image"], example["mask"], seed, aug=d.augment, size=d.image_size,
+        example["image"], _labels(example), seed, aug=d.augment, size=d.image_size,
         ignore_label=d.ignore_label, resize=d.resize)
-    return {"image": image, "mask": mask, "id": example["id"]}
+    return _view(example, image, mask)
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -276,15 +317,17 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   @tf.autograph.experimental.do_not_convert
   def prepare(example):
     example = decode(example)
-    image, mask = transforms.eval_view(example["image"], example["mask"], canvas=canvas,
+    image, mask = transforms.eval_view(example["image"], _labels(example), canvas=canvas,
                                        ignore_label=d.ignore_label, resize=d.resize)
-    return {"image": image, "mask": mask, "valid": tf.constant(True), "id": example["id"]}
+    return {**_view(example, image, mask), "valid": tf.constant(True)}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros(ds.element_spec["image"].shape, tf.float32),
+  # Padding examples: zeros everywhere (no instances: class 0), an all-ignore mask.
+  padding = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in ds.element_spec.items()}
+  padding.update({
       "mask": tf.fill(ds.element_spec["mask"].shape, tf.constant(d.ignore_label, tf.int32)),
-      "valid": tf.constant(False), "id": tf.constant("padding")}).repeat()
+      "valid": tf.constant(False), "id": tf.constant("padding")})
+  padding = tf.data.Dataset.from_tensors(padding).repeat()
   ds = ds.concatenate(padding).take(num_batches * host_batch)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _host_batches(ds, config)

@@ -6,6 +6,12 @@ size, eval views are whole images padded onto a fixed canvas.
 
 All randomness is stateless: every example gets its own seed, so the augmented
 stream is a pure function of (config.seed, position in the stream).
+
+A "mask" here is a label map `[H, W]` or a stack of them `[H, W, K]`: every
+geometric transform treats each channel as labels (nearest resampling, padding
+with the ignore label). Instance tasks pack the semantic mask and the instance
+masks into one stack (`pack_instances`), so that one transform moves them all
+alike, and read boxes off the transformed masks (`unpack_instances`).
 """
 
 from __future__ import annotations
@@ -55,8 +61,20 @@ def resize_shorter_side(image, mask, shorter_side: int):
   new_h, new_w = resized_shape(shape[0], shape[1], shorter_side)
   size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
   image = tf.image.resize(image, size, method="bilinear")
-  mask = tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
+  mask = _resize_labels(mask, size)
   return image, mask
+
+
+def _resize_labels(mask, size):
+  """Nearest-neighbour resize of a label map [H, W] or a stack [H, W, K]."""
+  if mask.shape.rank == 2:
+    return tf.image.resize(mask[..., None], size, method="nearest")[..., 0]
+  return tf.image.resize(mask, size, method="nearest")
+
+
+def _label_paddings(mask, paddings):
+  """`paddings` of the two spatial axes, extended by no padding on a stack's channel axis."""
+  return paddings + [[0, 0]] * (mask.shape.rank - 2)
 
 
 def pad_to_canvas(image, mask, canvas: tuple[int, int], *, ignore_label: int):
@@ -79,14 +97,14 @@ def pad_to_canvas(image, mask, canvas: tuple[int, int], *, ignore_label: int):
   new_hw = tf.cast(tf.where(too_big, tf.stack([fit_h, fit_w]), tf.stack([h, w])), tf.int32)
   image = tf.cond(too_big, lambda: tf.image.resize(image, new_hw, method="bilinear"),
                   lambda: tf.cast(image, tf.float32))
-  mask = tf.cond(too_big,
-                 lambda: tf.image.resize(mask[..., None], new_hw, method="nearest")[..., 0],
-                 lambda: mask)
+  mask = tf.cond(too_big, lambda: _resize_labels(mask, new_hw), lambda: mask)
   pad_h, pad_w = ch - new_hw[0], cw - new_hw[1]
   image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
-  mask = tf.pad(tf.cast(mask, tf.int32) - ignore_label, [[0, pad_h], [0, pad_w]]) + ignore_label
+  mask = tf.pad(tf.cast(mask, tf.int32) - ignore_label,
+                _label_paddings(mask, [[0, pad_h], [0, pad_w]])) + ignore_label
   channels = image.shape[-1]
-  return tf.ensure_shape(image, [ch, cw, channels]), tf.ensure_shape(mask, [ch, cw])
+  return (tf.ensure_shape(image, [ch, cw, channels]),
+          tf.ensure_shape(mask, [ch, cw] + mask.shape.as_list()[2:]))
 
 
 def random_scale_crop(image, mask, seed, *, size: int, min_scale: float, max_scale: float,
@@ -103,7 +121,7 @@ def random_scale_crop(image, mask, seed, *, size: int, min_scale: float, max_sca
   w = tf.cast(tf.shape(image)[1], tf.float32)
   new_hw = tf.cast(tf.round(tf.stack([h, w]) * scale), tf.int32)
   image = tf.image.resize(image, new_hw, method="bilinear")
-  mask = tf.image.resize(mask[..., None], new_hw, method="nearest")[..., 0]
+  mask = _resize_labels(mask, new_hw)
   # Pad (mask + 1) with zeros so that padding becomes ignore_label after the shift back.
   pad_h = tf.maximum(size - new_hw[0], 0)
   pad_w = tf.maximum(size - new_hw[1], 0)
@@ -112,12 +130,15 @@ def random_scale_crop(image, mask, seed, *, size: int, min_scale: float, max_sca
   left = tf.cast(tf.cast(pad_w, tf.float32) * offset[1], tf.int32)
   paddings = [[top, pad_h - top], [left, pad_w - left]]
   image = tf.pad(image, paddings + [[0, 0]])
-  shifted = tf.pad(tf.cast(mask, tf.int32) + 1, paddings)
+  shifted = tf.pad(tf.cast(mask, tf.int32) + 1, _label_paddings(mask, paddings))
   mask = tf.where(shifted == 0, ignore_label, shifted - 1)
-  stacked = tf.concat([image, tf.cast(mask, tf.float32)[..., None]], axis=-1)
-  channels = image.shape[-1]
-  stacked = tf.image.stateless_random_crop(stacked, [size, size, channels + 1], seeds[2])
-  return stacked[..., :channels], tf.cast(stacked[..., channels], tf.int32)
+  labels = mask[..., None] if mask.shape.rank == 2 else mask
+  stacked = tf.concat([image, tf.cast(labels, tf.float32)], axis=-1)
+  channels, label_channels = image.shape[-1], labels.shape[-1]
+  stacked = tf.image.stateless_random_crop(stacked, [size, size, channels + label_channels],
+                                           seeds[2])
+  labels = tf.cast(stacked[..., channels:], tf.int32)
+  return stacked[..., :channels], labels[..., 0] if mask.shape.rank == 2 else labels
 
 
 def random_flips(image, mask, seed, *, horizontal: bool, vertical: bool):
@@ -185,3 +206,59 @@ def eval_view(image, mask, *, canvas: tuple[int, int], ignore_label: int, resize
   image, mask = resize_shorter_side(image, mask, resize)
   image, mask = pad_to_canvas(image, mask, canvas, ignore_label=ignore_label)
   return image * 2.0 - 1.0, mask
+
+
+# ---------------------------------------------------------------------------- instances
+
+def pad_instances(instance_masks, classes, max_instances: int):
+  """Pads (or cuts) `[N, H, W]` masks and `[N]` classes to `max_instances`; padding has class 0.
+
+  Returns (masks uint8 [M, H, W], classes int32 [M], N). Callers check N <= M
+  on the host, where the error can name the example.
+  """
+  count = tf.shape(classes)[0]
+  masks = tf.cast(instance_masks[:max_instances], tf.uint8)
+  classes = tf.cast(classes[:max_instances], tf.int32)
+  missing = max_instances - tf.shape(classes)[0]
+  masks = tf.pad(masks, [[0, missing], [0, 0], [0, 0]])
+  classes = tf.pad(classes, [[0, missing]])
+  return (tf.ensure_shape(masks, [max_instances] + instance_masks.shape.as_list()[1:]),
+          tf.ensure_shape(classes, [max_instances]), count)
+
+
+def pack_instances(mask, instance_masks):
+  """Semantic mask [H, W] and instance masks [M, H, W] -> one label stack int32 [H, W, 1 + M]."""
+  return tf.concat([tf.cast(mask, tf.int32)[..., None],
+                    tf.transpose(tf.cast(instance_masks, tf.int32), [1, 2, 0])], axis=-1)
+
+
+def boxes_from_masks(instance_masks):
+  """Tight boxes float32 [M, 4] (y0, x0, y1, x1; y1/x1 exclusive) of bool masks [M, H, W];
+  zeros for an empty mask."""
+  def extent(occupied):                                   # [M, L] bool -> first, last + 1
+    length = tf.shape(occupied)[1]
+    as_int = tf.cast(occupied, tf.int32)
+    first = tf.argmax(as_int, axis=1, output_type=tf.int32)
+    last = length - tf.argmax(as_int[:, ::-1], axis=1, output_type=tf.int32)
+    return first, last
+  rows = tf.reduce_any(instance_masks, axis=2)
+  cols = tf.reduce_any(instance_masks, axis=1)
+  y0, y1 = extent(rows)
+  x0, x1 = extent(cols)
+  present = tf.reduce_any(rows, axis=1)
+  boxes = tf.cast(tf.stack([y0, x0, y1, x1], axis=1), tf.float32)
+  return tf.where(present[:, None], boxes, 0.0)
+
+
+def unpack_instances(stack, classes):
+  """Inverse of `pack_instances` after transforms: {'mask', 'instance_masks', 'boxes', 'classes'}.
+
+  An instance with no pixel left (cropped away) gets class 0, the padding
+  class; boxes are re-read from the transformed masks, so they stay tight.
+  Padding of a crop (ignore label in every channel) belongs to no instance.
+  """
+  instance_masks = tf.transpose(stack[..., 1:], [2, 0, 1]) == 1
+  present = tf.reduce_any(instance_masks, axis=[1, 2])
+  return {"mask": stack[..., 0], "instance_masks": tf.cast(instance_masks, tf.uint8),
+          "boxes": boxes_from_masks(instance_masks),
+          "classes": tf.where(present, tf.cast(classes, tf.int32), 0)}
