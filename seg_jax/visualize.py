@@ -1,4 +1,5 @@
-"""Host-side pictures: class palettes, legends, mask overlays and image | truth | prediction panels.
+"""Host-side pictures: class palettes, legends, mask overlays, image | truth | prediction panels,
+and instances (masks, boxes, class names, scores) drawn on images.
 
 The palette must stay readable from 2 to 150+ classes: class 0 (background)
 is black, the ignore label is neutral grey, and every other class gets the
@@ -209,6 +210,65 @@ def panels(images: np.ndarray, truths: np.ndarray, predictions: np.ndarray, num_
     return grid
   shown = classes_present([np.asarray(truths), np.asarray(predictions)], num_classes, ignore_label)
   return with_legend(grid, legend_entries(shown, class_names, num_classes, ignore_label))
+
+
+def draw_instances(image: np.ndarray, boxes: np.ndarray, classes: np.ndarray, *,
+                   num_classes: int, masks: np.ndarray | None = None,
+                   scores: np.ndarray | None = None, class_names: Sequence[str] | None = None,
+                   scale: int = 1, alpha: float = 0.5) -> np.ndarray:
+  """Instances drawn on a uint8 [H, W, C] image, upscaled by `scale`: each mask blended in its
+  class colour, its box outlined in that colour, and a label 'name' or 'name 0.93' above it.
+
+  boxes [K, 4] (y0, x0, y1, x1) in pixels of the unscaled image; classes [K] (1..);
+  masks [K, H, W] binary. Lower-scored instances are drawn first, so the best ones stay on top.
+  """
+  colors = palette(num_classes)
+  picture = as_rgb(image).astype(np.float32)
+  order = np.argsort(scores, kind="stable") if scores is not None else np.arange(len(classes))
+  if masks is not None:
+    for k in order:
+      m = np.asarray(masks[k]).astype(bool)[..., None]
+      picture = np.where(m, (1 - alpha) * picture + alpha * colors[classes[k]], picture)
+  picture = np.round(picture).astype(np.uint8).repeat(scale, axis=0).repeat(scale, axis=1)
+  canvas = Image.fromarray(picture)
+  draw = ImageDraw.Draw(canvas)
+  font = _font(max(10, 3 * scale))
+  for k in order:
+    color = tuple(int(v) for v in colors[classes[k]])
+    y0, x0, y1, x1 = (float(v) * scale for v in boxes[k])
+    draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=max(1, scale // 2))
+    name = (class_names[classes[k]] if class_names is not None and classes[k] < len(class_names)
+            else str(int(classes[k])))
+    text = name if scores is None else f"{name} {float(scores[k]):.2f}"
+    left, top, right, bottom = draw.textbbox((x0, y0), text, font=font, anchor="lb")
+    top, bottom = (top, bottom) if top >= 0 else (top - top, bottom - top)  # keep it inside
+    draw.rectangle([left, top, right, bottom], fill=color)
+    ink = (0, 0, 0) if sum(color) > 382 else (255, 255, 255)
+    draw.text((left, bottom), text, fill=ink, font=font, anchor="lb")
+  return np.asarray(canvas)
+
+
+def instance_panels(images: np.ndarray, truths: Sequence[dict], predictions: Sequence[dict], *,
+                    num_classes: int, class_names: Sequence[str] | None = None,
+                    scale: int = 1) -> np.ndarray:
+  """One row per example: image | ground-truth instances | detected instances (with scores).
+
+  `truths[i]` and `predictions[i]` hold the keyword arguments of `draw_instances` (boxes,
+  classes, masks, and scores for predictions) of image i. A legend of the classes drawn
+  follows, given `class_names`.
+  """
+  rows, shown = [], set()
+  for image, truth, pred in zip(images, truths, predictions):
+    plain = as_rgb(image).repeat(scale, axis=0).repeat(scale, axis=1)
+    cells = [plain] + [draw_instances(image, num_classes=num_classes, class_names=class_names,
+                                      scale=scale, **instances) for instances in (truth, pred)]
+    shown.update(int(c) for c in np.concatenate([truth["classes"], pred["classes"]]))
+    cells = [np.pad(c, ((2, 2), (2, 2), (0, 0)), constant_values=255) for c in cells]
+    rows.append(np.concatenate(cells, axis=1))
+  grid = np.concatenate(rows, axis=0)
+  if class_names is None:
+    return grid
+  return with_legend(grid, legend_entries(sorted(shown), class_names, num_classes))
 
 
 def write_png(path: str, image: np.ndarray) -> None:
