@@ -298,6 +298,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from seg_jax import train  # imports TensorFlow (datasets); keep this module light without it
   p = config.predict
+  if config_lib.task(config) != "semantic":
+    raise config_lib.ConfigError(f"--mode=predict segments images with semantic models; "
+                                 f"model.name={config.model.name!r} is a detector (its eval "
+                                 "pictures are in WORKDIR/visuals)")
   if not p.input:
     raise config_lib.ConfigError("config.predict.input='': name the images to segment, e.g. "
                                  "--config.predict.input='images/*.png'")

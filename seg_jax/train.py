@@ -23,17 +23,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from seg_jax import config as config_lib
 from seg_jax import init_from
-from seg_jax import losses
-from seg_jax import metrics
 from seg_jax import models
 from seg_jax import parallel
 from seg_jax import preemption
+from seg_jax import tasks
 from seg_jax import visualize
 from seg_jax import writers
 from seg_jax.data import pipeline
-from seg_jax.data import transforms
 from seg_jax.models import registry
 
 
@@ -139,19 +136,18 @@ def model_variables(state: TrainState) -> dict:
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
-  """One optimiser step on a global batch; returns the new state and scalar metrics."""
-  dropout_key = jax.random.fold_in(jax.random.key(config.seed), state.step + 1)
-  terms = config_lib.loss_terms(config)
+  """One optimiser step on a global batch; returns the new state and scalar metrics.
+
+  The task (`seg_jax/tasks`) defines the loss; the step is the same for all.
+  """
+  # Dropout (semantic) or RoI sampling (instance) randomness of this step.
+  step_key = jax.random.fold_in(jax.random.key(config.seed), state.step + 1)
+  task = tasks.get_task(config)
 
   def loss_fn(params):
-    logits, updates = model.apply(
-        {**model_variables(state), "params": params}, batch["image"], train=True,
-        mutable=["batch_stats"], rngs={"dropout": dropout_key})
-    total, parts = losses.segmentation_loss(
-        logits, batch["mask"], terms=terms, class_weights=_class_weights(config),
-        ignore_label=config.dataset.ignore_label, dice_smooth=config.loss.dice_smooth,
-        focal_gamma=config.loss.focal_gamma)
-    return total, (parts, updates.get("batch_stats", {}))
+    total, parts, batch_stats = task.loss(model, {**model_variables(state), "params": params},
+                                          batch, rng=step_key)
+    return total, (parts, batch_stats)
 
   (loss, (parts, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -168,32 +164,15 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     step_metrics["total_skips"] = opt_state.total_notfinite
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
-  step_metrics.update({f"loss_{name}": value for name, value in parts.items()})
+  step_metrics.update(parts)
   return new_state, step_metrics
 
 
-def _class_weights(config):
-  weights = config.loss.class_weights
-  return None if weights is None else jnp.asarray(weights, jnp.float32)
-
-
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
-              config: ml_collections.ConfigDict) -> tuple[metrics.ConfusionMatrix, jax.Array]:
-  """Confusion matrix of one global batch (padding excluded) and its predicted class ids."""
-  logits = model.apply(model_variables(state), batch["image"], train=False)
-  predictions = predict_classes(logits)
-  num_classes = config.dataset.num_classes
-  matrix = metrics.confusion_matrix(predictions, batch["mask"], num_classes=num_classes,
-                                    ignore_label=config.dataset.ignore_label,
-                                    valid=batch["valid"])
-  return metrics.ConfusionMatrix(matrix=matrix), predictions
-
-
-def predict_classes(logits: jax.Array) -> jax.Array:
-  """Class ids [N, H, W] from logits: argmax, or logit > 0 for one binary logit."""
-  if logits.shape[-1] == 1:
-    return (logits[..., 0] > 0).astype(jnp.int32)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+              config: ml_collections.ConfigDict):
+  """The task's eval outputs of one global batch (a confusion matrix and class ids, or
+  detections); padding examples (valid=False) never count."""
+  return tasks.get_task(config).eval_outputs(model, model_variables(state), batch)
 
 
 # ---------------------------------------------------------------------------- host helpers
@@ -206,6 +185,7 @@ class Trainer:
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
     self.model = registry.build_model(config)
+    self.task = tasks.get_task(config)
     self.tx, self.schedule = make_optimizer(config)
     self.builder, self.class_names = pipeline.prepare_dataset(config)
     self.channels = pipeline.image_channels(config, self.builder)
@@ -219,7 +199,7 @@ class Trainer:
         donate_argnums=0)
     self.eval_step = jax.jit(
         functools.partial(eval_step, model=self.model, config=config),
-        in_shardings=(replicated, data), out_shardings=(replicated, data))
+        in_shardings=(replicated, data), out_shardings=self.task.eval_out_shardings(self.mesh))
     self.checkpoints = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
@@ -279,57 +259,17 @@ class Trainer:
 
   def evaluate(self, state: TrainState, split: str) -> tuple[dict, dict]:
     """Dataset-level scores over every example of `split`, and arrays for the visuals."""
-    total = None
-    visuals = None
+    evaluator = self.task.evaluator(self.class_names)
     for batch in pipeline.eval_batches(self.config, self.builder, split):
       device_batch = parallel.host_batch_to_global(batch, self.mesh)
-      matrix, predictions = self.eval_step(state, device_batch)
-      total = matrix if total is None else total.merge(matrix)
-      if visuals is None and self.config.num_eval_visuals:
-        n = self.config.num_eval_visuals
-        visuals = {"image": batch["image"][:n], "mask": batch["mask"][:n],
-                   "valid": batch["valid"][:n],
-                   "prediction": _local_rows(predictions)[:n]}
-    return total.compute(), visuals
-
-
-def _local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order."""
-  shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
-
-
-def eval_scalars(scores: dict, class_names: list[str]) -> dict[str, float]:
-  """Flat scalar dict for the writers: means and per-class values."""
-  out = {"eval/dice": scores["mean_dice"], "eval/jaccard": scores["mean_jaccard"],
-         "eval/miou": scores["mean_jaccard"], "eval/pixel_accuracy": scores["pixel_accuracy"],
-         "eval/dice_foreground": scores["mean_dice_foreground"],
-         "eval/miou_foreground": scores["mean_jaccard_foreground"]}
-  for c, name in enumerate(class_names):
-    out[f"eval/dice/{name}"] = scores["dice"][c]
-    out[f"eval/iou/{name}"] = scores["jaccard"][c]
-  return {k: float(v) for k, v in out.items()}
-
-
-def format_scores_table(scores: dict, class_names: list[str]) -> str:
-  lines = [f"{'class':<16}{'dice':>8}{'iou':>8}"]
-  for c, name in enumerate(class_names):
-    lines.append(f"{name:<16}{scores['dice'][c]:>8.4f}{scores['jaccard'][c]:>8.4f}")
-  lines.append(f"{'mean':<16}{scores['mean_dice']:>8.4f}{scores['mean_jaccard']:>8.4f}")
-  lines.append(f"pixel accuracy {scores['pixel_accuracy']:.4f}")
-  return "\n".join(lines)
+      evaluator.add(batch, device_batch, self.eval_step(state, device_batch))
+    return evaluator.compute(), evaluator.visuals
 
 
 def _write_visuals(trainer: Trainer, writer, visuals: dict, step: int) -> None:
   if visuals is None or jax.process_index() != 0:
     return
-  config = trainer.config
-  keep = visuals["valid"]
-  grid = visualize.panels(
-      transforms.denormalize_image(visuals["image"][keep]), visuals["mask"][keep],
-      visuals["prediction"][keep], config.dataset.num_classes,
-      ignore_label=config.dataset.ignore_label, scale=max(1, 256 // config.dataset.image_size),
-      class_names=trainer.class_names)
+  grid = trainer.task.picture(visuals, trainer.class_names)
   out_dir = os.path.join(trainer.workdir, "visuals")
   os.makedirs(out_dir, exist_ok=True)
   visualize.write_png(os.path.join(out_dir, f"eval_step_{step:06d}.png"), grid)
@@ -452,12 +392,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.eval_every_steps == 0 or is_last:
           t0 = time.perf_counter()
           scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
-          final_scalars = eval_scalars(scores, trainer.class_names)
+          final_scalars = trainer.task.scalars(scores, trainer.class_names)
           writer.write_scalars(step, {**final_scalars, "wall_seconds": time.perf_counter() - started})
           _write_visuals(trainer, writer, visuals, step)
-          logging.info("eval at step %d (%.1f s): dice %.4f | miou %.4f | pixel acc %.4f\n%s", step,
-                       time.perf_counter() - t0, scores["mean_dice"], scores["mean_jaccard"],
-                       scores["pixel_accuracy"], format_scores_table(scores, trainer.class_names))
+          logging.info("eval at step %d (%.1f s): %s\n%s", step, time.perf_counter() - t0,
+                       trainer.task.headline(scores), trainer.task.table(scores, trainer.class_names))
           interval_start += time.perf_counter() - t0  # keep eval time out of steps/s
 
         if is_save or stop:
@@ -471,8 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       if start_step >= total_steps:
         scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
-        final_scalars = eval_scalars(scores, trainer.class_names)
-        logging.info("eval at step %d:\n%s", start_step, format_scores_table(scores, trainer.class_names))
+        final_scalars = trainer.task.scalars(scores, trainer.class_names)
+        logging.info("eval at step %d:\n%s", start_step, trainer.task.table(scores, trainer.class_names))
     finally:
       # Also on errors (a non-finite loss, bad data): let a save in flight commit, so
       # the last good checkpoint is complete on disk.
@@ -501,9 +440,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   state = trainer.latest_checkpoint_state()
   scores, _ = trainer.evaluate(state, config.dataset.eval_split)
   print(f"{config.dataset.name}/{config.dataset.eval_split} at step "
-        f"{int(jax.device_get(state.step))}:\n{format_scores_table(scores, trainer.class_names)}")
+        f"{int(jax.device_get(state.step))}:\n{trainer.task.table(scores, trainer.class_names)}")
   trainer.checkpoints.close()
-  return eval_scalars(scores, trainer.class_names)
+  return trainer.task.scalars(scores, trainer.class_names)
 
 
 def _format_seconds(seconds: float) -> str:

@@ -33,8 +33,28 @@ def _deeplabv3plus(config: ml_collections.ConfigDict) -> nn.Module:
       dropout=m.dropout, norm=m.norm, norm_groups=m.norm_groups, dtype=jnp.dtype(config.dtype))
 
 
+def _detector(config: ml_collections.ConfigDict) -> nn.Module:
+  """Mask R-CNN, or Faster R-CNN (no mask head); K = dataset.num_classes - 1 object classes."""
+  from seg_jax.models.detection.mask_rcnn import MaskRCNN
+  m, det = config.model, config.detection
+  return MaskRCNN(
+      num_classes=config.dataset.num_classes - 1, with_masks=m.name == "mask_rcnn",
+      backbone=m.backbone, width=m.width, stem=m.backbone_stem, norm=m.norm,
+      norm_groups=m.norm_groups, fpn_features=det.fpn_features,
+      anchor_sizes=tuple((float(s),) for s in det.anchor_sizes),
+      aspect_ratios=tuple(float(r) for r in det.aspect_ratios),
+      rpn_pre_nms_topk=det.rpn_pre_nms_topk, rpn_post_nms_topk=det.rpn_post_nms_topk,
+      rpn_nms_threshold=det.rpn_nms_threshold, rpn_num_samples=det.rpn_num_samples,
+      roi_num_samples=det.roi_num_samples, roi_positive_fraction=det.roi_positive_fraction,
+      canonical_size=det.canonical_size, box_head_hidden=det.box_head_hidden,
+      mask_head_features=det.mask_head_features, mask_size=det.mask_size,
+      score_threshold=det.score_threshold, nms_threshold=det.nms_threshold,
+      detections_per_image=det.detections_per_image, dtype=jnp.dtype(config.dtype))
+
+
 MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
-    "unet": _unet, "deeplabv3plus": _deeplabv3plus}
+    "unet": _unet, "deeplabv3plus": _deeplabv3plus, "mask_rcnn": _detector,
+    "faster_rcnn": _detector}
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -47,4 +67,6 @@ def input_divisor(config: ml_collections.ConfigDict) -> int:
   """The model's input height and width must be multiples of this."""
   if config.model.name == "deeplabv3plus":
     return resnet.input_divisor(config.model.output_stride, config.model.backbone_stem)
+  if config.model.name in config_lib.DETECTION_MODELS:
+    return resnet.input_divisor(32, config.model.backbone_stem)  # the FPN's ResNet: stride 32
   return unet.input_divisor(config.model.depth, config.model.backbone, config.model.backbone_stem)

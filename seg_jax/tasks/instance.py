@@ -1,0 +1,140 @@
+"""Instance segmentation and detection: Mask R-CNN / Faster R-CNN losses, COCO AP, pictures.
+
+Batches carry, besides `image` and `mask`, the padded instances of the data
+contract: `boxes [B, M, 4]` (y0, x0, y1, x1 in pixels), `classes [B, M]`
+(0 = padding) and `instance_masks [B, M, H, W]`. The eval step returns the
+detector's fixed-size detections with their masks pasted into the image and
+thresholded at 0.5 on device; the host gathers them (and the ground truth) to
+every process and scores them with pycocotools (`seg_jax/coco_eval.py`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from seg_jax import coco_eval
+from seg_jax import parallel
+from seg_jax import visualize
+from seg_jax.data import transforms
+from seg_jax.models.detection import mask_rcnn
+from seg_jax.models.detection import postprocess
+
+GT_KEYS = ("image", "boxes", "classes", "instance_masks", "valid")
+
+
+def detector_targets(batch: dict) -> dict:
+  """The data contract's instance fields in the names MaskRCNN takes."""
+  return {"gt_boxes": batch["boxes"], "gt_classes": batch["classes"],
+          "gt_valid": batch["classes"] > 0, "gt_masks": batch["instance_masks"]}
+
+
+class InstanceTask:
+  """Loss, eval outputs, scores and pictures of the detectors."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.with_masks = config.model.name == "mask_rcnn"
+
+  # -------------------------------------------------------------- device (under jit)
+
+  def loss(self, model, variables, batch, *, rng):
+    """(total loss, {'loss_<term>': value, 'roi_foreground_fraction': ...}, new batch statistics)."""
+    losses, updates = model.apply(variables, batch["image"], detector_targets(batch), train=True,
+                                  mutable=["batch_stats"], rngs={"sampling": rng})
+    metrics = {f"loss_{k}": losses[k] for k in mask_rcnn.LOSS_TERMS if k in losses}
+    metrics["roi_foreground_fraction"] = losses["roi_foreground_fraction"]
+    return mask_rcnn.total_loss(losses), metrics, updates.get("batch_stats", {})
+
+  def eval_outputs(self, model, variables, batch):
+    """Detections `boxes [B, D, 4]`, `scores`, `classes`, `valid [B, D]` and, for Mask R-CNN,
+    binary `masks` uint8 [B, D, H, W] in image pixels."""
+    out = model.apply(variables, batch["image"], train=False)
+    if self.with_masks:
+      pasted = postprocess.paste_masks(out["masks"], out["boxes"], batch["image"].shape[1:3])
+      out["masks"] = (pasted >= 0.5).astype(jnp.uint8) * out["valid"][..., None, None]
+    return out
+
+  def eval_out_shardings(self, mesh):
+    return parallel.batch_sharding(mesh)
+
+  # -------------------------------------------------------------- host
+
+  def evaluator(self, class_names: list[str]) -> "InstanceEvaluator":
+    """class_names[0] is the background; the detector's class c is class_names[c]."""
+    return InstanceEvaluator(class_names[1:], with_masks=self.with_masks,
+                             num_visuals=self.config.num_eval_visuals)
+
+  def scalars(self, scores: dict, class_names: list[str]) -> dict[str, float]:
+    return {f"eval/{k}": float(v) for k, v in scores.items()}
+
+  def headline(self, scores: dict) -> str:
+    parts = [f"box AP {scores['box_AP']:.4f} AP50 {scores['box_AP50']:.4f}"]
+    if self.with_masks:
+      parts.append(f"mask AP {scores['mask_AP']:.4f} AP50 {scores['mask_AP50']:.4f}")
+    return " | ".join(parts)
+
+  def table(self, scores: dict, class_names: list[str]) -> str:
+    kinds = ("box", "mask") if self.with_masks else ("box",)
+    lines = [f"{'':<6}" + "".join(f"{n:>8}" for n in coco_eval.STAT_NAMES)]
+    for kind in kinds:
+      lines.append(f"{kind:<6}" + "".join(f"{scores[f'{kind}_{n}']:>8.4f}"
+                                          for n in coco_eval.STAT_NAMES))
+    return "\n".join(lines)
+
+  def picture(self, visuals: dict, class_names: list[str]) -> np.ndarray:
+    """image | ground truth | detections (score >= detection.visual_score_threshold) rows."""
+    c = self.config
+    keep = visuals["valid"]
+    shown = visuals["det_scores"] >= c.detection.visual_score_threshold
+    return visualize.instance_panels(
+        transforms.denormalize_image(visuals["image"][keep]),
+        truths=[dict(boxes=b[k], classes=cl[k], masks=m[k]) for b, cl, m, k in zip(
+            visuals["boxes"][keep], visuals["classes"][keep], visuals["instance_masks"][keep],
+            visuals["classes"][keep] > 0)],
+        predictions=[dict(boxes=b[k], classes=cl[k], scores=s[k],
+                          masks=m[k] if m is not None else None) for b, cl, s, m, k in zip(
+            visuals["det_boxes"][keep], visuals["det_classes"][keep],
+            visuals["det_scores"][keep],
+            visuals["det_masks"][keep] if "det_masks" in visuals else [None] * int(keep.sum()),
+            (visuals["det_valid"] & shown)[keep])],
+        num_classes=c.dataset.num_classes, class_names=class_names,
+        scale=max(1, 256 // c.dataset.image_size))
+
+
+def gather(tree):
+  """Numpy copies of batch-sharded global arrays, all rows, on every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+class InstanceEvaluator:
+  """Collects every image's ground truth and detections, then COCO AP over the split."""
+
+  def __init__(self, class_names: list[str], *, with_masks: bool, num_visuals: int):
+    self.coco = coco_eval.CocoEvaluator(class_names, with_masks=with_masks)
+    self.with_masks = with_masks
+    self.num_visuals = num_visuals
+    self.visuals = None
+
+  def add(self, host_batch: dict, device_batch: dict, outputs: dict) -> None:
+    truth = gather({k: device_batch[k] for k in GT_KEYS})
+    det = gather(outputs)
+    image_size = truth["image"].shape[1:3]
+    for i in np.nonzero(truth["valid"])[0]:
+      self.coco.add(truth["boxes"][i], truth["classes"][i], truth["classes"][i] > 0,
+                    det["boxes"][i], det["scores"][i], det["classes"][i], det["valid"][i],
+                    image_size=image_size,
+                    gt_masks=truth["instance_masks"][i] if self.with_masks else None,
+                    det_masks=det["masks"][i] if self.with_masks else None)
+    if self.visuals is None and self.num_visuals:
+      n = self.num_visuals
+      self.visuals = {**{k: v[:n] for k, v in truth.items()},
+                      **{f"det_{k}": v[:n] for k, v in det.items()}}
+
+  def compute(self) -> dict:
+    return self.coco.compute()
