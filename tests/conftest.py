@@ -37,6 +37,34 @@ def tiny_config(data_dir: str):
   return c
 
 
+def tiny_detector_config(data_dir: str):
+  """Mask R-CNN small enough to compile in seconds, on the same 32x32 shapes as tiny_config."""
+  c = tiny_config(data_dir)
+  c.model.name = "mask_rcnn"
+  c.model.backbone = "resnet10"
+  c.model.width = 8
+  c.model.backbone_stem = "small"
+  c.dataset.max_instances = 8
+  d = c.detection
+  d.fpn_features = 16
+  d.anchor_sizes = (4, 8, 16, 32, 64)
+  d.rpn_pre_nms_topk = 32
+  d.rpn_post_nms_topk = 32
+  d.rpn_num_samples = 32
+  d.roi_num_samples = 16
+  d.canonical_size = 28.0
+  d.box_head_hidden = 32
+  d.mask_head_features = 8
+  d.mask_size = 14
+  d.detections_per_image = 10
+  c.optimizer.learning_rate = 3e-3
+  c.num_train_steps = 20
+  c.log_every_steps = 5
+  c.eval_every_steps = 20
+  c.checkpoint_every_steps = 20
+  return c
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
