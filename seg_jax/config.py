@@ -26,7 +26,7 @@ ON_NONFINITE = ("stop", "skip")
 
 
 DETECTION_MODELS = ("mask_rcnn", "faster_rcnn")
-INSTANCE_DATASETS = ("shapes",)   # datasets whose examples carry instance masks and boxes
+INSTANCE_DATASETS = ("shapes", "coco")   # datasets whose examples carry instance masks and boxes
 
 
 class ConfigError(ValueError):
@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (H, W) = a fixed canvas; larger images are downscaled to fit it (aspect kept).
   c.dataset.eval_size = (0, 0)
   c.dataset.eval_pad_multiple = 32
-  c.dataset.download = False        # TFDS datasets (oxford_iiit_pet, cityscapes): prepare if absent
+  c.dataset.download = False        # TFDS datasets (oxford_iiit_pet, cityscapes, coco): prepare if absent
   c.dataset.manual_dir = ""         # cityscapes: folder with the manually downloaded zips
   c.dataset.shuffle_buffer = 2000
   c.dataset.cache = True            # cache decoded examples in memory
@@ -244,6 +244,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_model(config)
   if task(config) == "instance":
     _validate_detection(config)
+  elif config.dataset.name == "coco":
+    _fail("dataset.name", "coco", f"coco is read as instances, for the detectors "
+          f"({', '.join(DETECTION_MODELS)}); model.name={config.model.name!r}")
   divisor = registry.input_divisor(config)
   if config.dataset.image_size % divisor:
     _fail("dataset.image_size", config.dataset.image_size,
@@ -345,6 +348,8 @@ def _validate_detection(config: ml_collections.ConfigDict) -> None:
   if d.name not in INSTANCE_DATASETS:
     _fail("dataset.name", d.name, f"model.name={m.name!r} needs instance annotations; datasets "
           f"with them: {', '.join(INSTANCE_DATASETS)}")
+  if d.name == "coco" and d.num_classes != 81:
+    _fail("dataset.num_classes", d.num_classes, "coco has 81 classes (background + 80 things)")
   if m.backbone not in resnet.RESNETS:
     _fail("model.backbone", m.backbone,
           f"{m.name} needs a ResNet: one of {', '.join(resnet.RESNETS)}")

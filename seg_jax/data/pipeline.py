@@ -37,6 +37,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from seg_jax import config as config_lib
+from seg_jax.data import coco
 from seg_jax.data import standard
 from seg_jax.data import transforms
 from seg_jax.data.errors import DataError
@@ -103,9 +104,20 @@ def _tfds_dataset(config: ml_collections.ConfigDict, data_dir: str | None):
   return builder, standard.class_names(d.name, d.num_classes)
 
 
+def _coco(config: ml_collections.ConfigDict, data_dir: str | None):
+  """COCO 2017 instances (TFDS coco/2017_panoptic), prepared in data_dir if dataset.download."""
+  builder = tfds.builder(coco.SOURCE, data_dir=data_dir)
+  if not builder.is_prepared():
+    if not config.dataset.download:
+      raise DataError(f"{coco.SOURCE} is not prepared in {builder.data_dir}: {coco.HOW_TO_GET}")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False))
+  return builder, coco.class_names(builder)
+
+
 # dataset.name -> (config, data_dir) -> (prepared TFDS builder, class names)
 DATASETS = {"shapes": _shapes, "folder": _folder, "oxford_iiit_pet": _tfds_dataset,
-            "cityscapes": _tfds_dataset, "ade20k": _ade20k}
+            "cityscapes": _tfds_dataset, "ade20k": _ade20k, "coco": _coco}
 
 
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -133,7 +145,10 @@ def image_channels(config: ml_collections.ConfigDict, builder: tfds.core.Dataset
 
 
 def _decoder(config: ml_collections.ConfigDict):
-  """Stored example -> {'image': uint8/uint16 [H, W, C], 'mask': int32 [H, W] class ids, 'id'}."""
+  """Stored example -> {'image': uint8/uint16 [H, W, C], 'mask': int32 [H, W] class ids, 'id'},
+  and for instance tasks 'instance_masks' [M, H, W], 'classes' [M] and 'num_instances'."""
+  if config.dataset.name == "coco":
+    return lambda example: coco.decode(example, config.dataset.max_instances)
   image_key, mask_key, id_key = _feature_keys(config)
   table = None
   if config.dataset.name in standard.DATASETS:
