@@ -35,7 +35,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
 
   d = config.detection
   d.fpn_features = 64
-  d.anchor_sizes = (8, 16, 32, 64, 128)   # objects here are 8-35 px across
+  d.anchor_sizes = (8, 16, 32, 64, 128)   # objects here are at most 32 px across
   d.rpn_pre_nms_topk = 256
   d.rpn_post_nms_topk = 128
   d.rpn_num_samples = 128
