@@ -1,9 +1,11 @@
 """Times the jitted train step on synthetic data; prints one JSON line.
 
   python benchmarks/train_step.py --config=configs/unet.py [--config.key=value ...] [--steps=20]
+  python benchmarks/train_step.py --config=configs/mask_rcnn.py
 
 Reports the median step time after warm-up, images/s, compile time, XLA's
-FLOP count for the step and the achieved GFLOP/s.
+FLOP count for the step and the achieved GFLOP/s, and for the U-Net the analytic
+count of its convolutions (benchmarks/flops.py) to cross-check XLA's.
 """
 
 import json
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from benchmarks import flops as flop_count
 from seg_jax import config as config_lib
 from seg_jax import parallel
 from seg_jax import train
@@ -31,6 +34,32 @@ from seg_jax.models import registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/unet.py", "Experiment config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after 3 warm-up steps.")
+
+
+def _batch(config) -> dict:
+  """One host batch of the data contract: random pixels and labels for semantic models; for
+  detectors, scenes of the shapes generator with their padded instances (a detector's cost
+  depends on how many objects it matches)."""
+  size, b = config.dataset.image_size, config.batch_size
+  rng = np.random.default_rng(0)
+  if config_lib.task(config) == "semantic":
+    return {"image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
+            "mask": rng.integers(0, config.dataset.num_classes, (b, size, size)).astype(np.int32)}
+  from seg_jax.data.builders import shapes
+  m = config.dataset.max_instances
+  batch = {"image": np.zeros((b, size, size, 3), np.float32),
+           "mask": np.zeros((b, size, size), np.int32),
+           "boxes": np.zeros((b, m, 4), np.float32), "classes": np.zeros((b, m), np.int32),
+           "instance_masks": np.zeros((b, m, size, size), np.uint8)}
+  for i in range(b):
+    scene = shapes.generate_scene(rng, size)
+    n = min(len(scene["labels"]), m)
+    batch["image"][i] = scene["image"] / 127.5 - 1.0
+    batch["mask"][i] = scene["mask"]
+    batch["boxes"][i, :n] = scene["boxes"][:n]
+    batch["classes"][i, :n] = scene["labels"][:n]
+    batch["instance_masks"][i, :n] = scene["instance_masks"][:n]
+  return batch
 
 
 def main(_):
@@ -41,10 +70,7 @@ def main(_):
   tx, schedule = train.make_optimizer(config)
   state = train.create_train_state(config, model, tx, mesh)
   size, b = config.dataset.image_size, config.batch_size
-  rng = np.random.default_rng(0)
-  batch = parallel.host_batch_to_global({
-      "image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
-      "mask": rng.integers(0, config.dataset.num_classes, (b, size, size)).astype(np.int32)}, mesh)
+  batch = parallel.host_batch_to_global(_batch(config), mesh)
   step = jax.jit(lambda s, x: train.train_step(s, x, model=model, tx=tx, schedule=schedule,
                                                config=config), donate_argnums=0)
   t0 = time.perf_counter()
@@ -61,12 +87,17 @@ def main(_):
     if i >= 3:
       times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
+  analytic = None
+  if config.model.name == "unet" and not config.model.backbone:
+    analytic = 3 * flop_count.unet_forward_flops(b, size, 3, config.model.width, config.model.depth,
+                                                 config_lib.num_logits(config)) / 1e9
   print(json.dumps({
       "benchmark": "train_step", "model": config.model.name, "batch_size": b, "image_size": size,
       "width": config.model.width, "depth": config.model.depth, "dtype": config.dtype,
       "step_ms": round(step_s * 1e3, 2), "img_per_s": round(b / step_s, 1),
       "compile_s": round(compile_s, 2), "gflops_per_step": round(flops / 1e9, 2),
       "achieved_gflops": round(flops / 1e9 / step_s, 1),
+      "analytic_gflops_per_step": analytic and round(analytic, 2),  # U-Net convs, 3x forward
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
       "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
