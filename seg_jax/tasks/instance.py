@@ -88,21 +88,20 @@ class InstanceTask:
   def picture(self, visuals: dict, class_names: list[str]) -> np.ndarray:
     """image | ground truth | detections (score >= detection.visual_score_threshold) rows."""
     c = self.config
-    keep = visuals["valid"]
-    shown = visuals["det_scores"] >= c.detection.visual_score_threshold
-    return visualize.instance_panels(
-        transforms.denormalize_image(visuals["image"][keep]),
-        truths=[dict(boxes=b[k], classes=cl[k], masks=m[k]) for b, cl, m, k in zip(
-            visuals["boxes"][keep], visuals["classes"][keep], visuals["instance_masks"][keep],
-            visuals["classes"][keep] > 0)],
-        predictions=[dict(boxes=b[k], classes=cl[k], scores=s[k],
-                          masks=m[k] if m is not None else None) for b, cl, s, m, k in zip(
-            visuals["det_boxes"][keep], visuals["det_classes"][keep],
-            visuals["det_scores"][keep],
-            visuals["det_masks"][keep] if "det_masks" in visuals else [None] * int(keep.sum()),
-            (visuals["det_valid"] & shown)[keep])],
-        num_classes=c.dataset.num_classes, class_names=class_names,
-        scale=max(1, 256 // c.dataset.image_size))
+    truths, predictions = [], []
+    for i in np.nonzero(visuals["valid"])[0]:
+      real = visuals["classes"][i] > 0
+      truths.append({"boxes": visuals["boxes"][i][real], "classes": visuals["classes"][i][real],
+                     "masks": visuals["instance_masks"][i][real]})
+      shown = visuals["det_valid"][i] & (
+          visuals["det_scores"][i] >= c.detection.visual_score_threshold)
+      predictions.append({key: visuals[f"det_{key}"][i][shown]
+                          for key in ("boxes", "classes", "scores", "masks")
+                          if f"det_{key}" in visuals})
+    images = transforms.denormalize_image(visuals["image"][visuals["valid"]])
+    return visualize.instance_panels(images, truths, predictions,
+                                     num_classes=c.dataset.num_classes, class_names=class_names,
+                                     scale=max(1, 256 // c.dataset.image_size))
 
 
 def gather(tree):
