@@ -23,7 +23,7 @@ from seg_jax.data import transforms
 from seg_jax.models.detection import mask_rcnn
 from seg_jax.models.detection import postprocess
 
-GT_KEYS = ("image", "boxes", "classes", "instance_masks", "valid")
+GT_KEYS = ("boxes", "classes", "instance_masks", "valid")
 
 
 def detector_targets(batch: dict) -> dict:
@@ -121,16 +121,18 @@ class InstanceEvaluator:
     self.visuals = None
 
   def add(self, host_batch: dict, device_batch: dict, outputs: dict) -> None:
-    truth = gather({k: device_batch[k] for k in GT_KEYS})
+    want_visuals = self.visuals is None and self.num_visuals
+    # Images only for the pictures: the COCO scores need none.
+    truth = gather({k: device_batch[k] for k in GT_KEYS + (("image",) if want_visuals else ())})
     det = gather(outputs)
-    image_size = truth["image"].shape[1:3]
+    image_size = device_batch["image"].shape[1:3]
     for i in np.nonzero(truth["valid"])[0]:
       self.coco.add(truth["boxes"][i], truth["classes"][i], truth["classes"][i] > 0,
                     det["boxes"][i], det["scores"][i], det["classes"][i], det["valid"][i],
                     image_size=image_size,
                     gt_masks=truth["instance_masks"][i] if self.with_masks else None,
                     det_masks=det["masks"][i] if self.with_masks else None)
-    if self.visuals is None and self.num_visuals:
+    if want_visuals:
       n = self.num_visuals
       self.visuals = {**{k: v[:n] for k, v in truth.items()},
                       **{f"det_{k}": v[:n] for k, v in det.items()}}
