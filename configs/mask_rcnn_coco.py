@@ -15,13 +15,14 @@ Offline, the pipeline and config are tested with tfds.testing.mock_data (tests/t
 import ml_collections
 
 from seg_jax import config as config_lib
+from seg_jax.data import coco
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config = config_lib.base_config()
 
   config.dataset.name = "coco"
-  config.dataset.num_classes = 81     # background + the 80 thing classes
+  config.dataset.num_classes = coco.NUM_CLASSES  # background + the 80 thing classes
   config.dataset.eval_split = "validation"
   config.dataset.resize = 640         # shorter side, train and eval
   config.dataset.image_size = 640     # training crops (padded where the image is smaller)

@@ -348,8 +348,10 @@ def _validate_detection(config: ml_collections.ConfigDict) -> None:
   if d.name not in INSTANCE_DATASETS:
     _fail("dataset.name", d.name, f"model.name={m.name!r} needs instance annotations; datasets "
           f"with them: {', '.join(INSTANCE_DATASETS)}")
-  if d.name == "coco" and d.num_classes != 81:
-    _fail("dataset.num_classes", d.num_classes, "coco has 81 classes (background + 80 things)")
+  from seg_jax.data import coco
+  if d.name == "coco" and d.num_classes != coco.NUM_CLASSES:
+    _fail("dataset.num_classes", d.num_classes,
+          f"coco has {coco.NUM_CLASSES} classes (background + {coco.NUM_THING_CLASSES} things)")
   if m.backbone not in resnet.RESNETS:
     _fail("model.backbone", m.backbone,
           f"{m.name} needs a ResNet: one of {', '.join(resnet.RESNETS)}")
