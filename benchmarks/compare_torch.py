@@ -9,6 +9,8 @@ as a 1x1 conv to 4*C plus depth-to-space, whose bias is per sub-pixel: 3*C more 
 level), skip concatenation, a 1x1 head; pixel cross-entropy; Adam at 1e-3. PyTorch runs
 channels_last (its fastest CPU layout). Prints one JSON line: median step times after warm-up,
 images/s of each, analytic GFLOP/step and the speed ratio (seg_jax img/s / PyTorch img/s).
+The two step functions are timed alternately, one step each in turn, so that a machine whose
+speed drifts during the run (a shared VM) slows both alike.
 """
 
 import json
@@ -38,21 +40,24 @@ _SIZE = flags.DEFINE_integer("image_size", 128, "Square image side.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Channels of the first level.")
 _DEPTH = flags.DEFINE_integer("depth", 4, "Downsamplings.")
 _CLASSES = flags.DEFINE_integer("num_classes", 3, "Classes (logits).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after 3 warm-up steps), each framework.")
+_STEPS = flags.DEFINE_integer("steps", 15, "Timed steps (after 3 warm-up steps), each framework.")
 
 
-def _median_step_seconds(run_step, steps: int) -> float:
-  times = []
+def interleaved_median_seconds(run_steps: list, steps: int) -> list[float]:
+  """Median seconds per call of each function, calling them in turn `steps` times after 3
+  warm-up rounds."""
+  times = [[] for _ in run_steps]
   for i in range(3 + steps):
-    t0 = time.perf_counter()
-    run_step()
-    if i >= 3:
-      times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+    for run_step, own in zip(run_steps, times):
+      t0 = time.perf_counter()
+      run_step()
+      if i >= 3:
+        own.append(time.perf_counter() - t0)
+  return [float(np.median(own)) for own in times]
 
 
-def time_seg_jax(images: np.ndarray, labels: np.ndarray) -> tuple[float, float, int]:
-  """(median step seconds, compile seconds, parameters) of seg_jax's train step."""
+def seg_jax_step(images: np.ndarray, labels: np.ndarray):
+  """(run one step, compile seconds, parameters) of seg_jax's train step."""
   config = config_lib.base_config()
   config.dataset.image_size, config.dataset.num_classes = _SIZE.value, _CLASSES.value
   config.model.width, config.model.depth = _WIDTH.value, _DEPTH.value
@@ -77,12 +82,11 @@ def time_seg_jax(images: np.ndarray, labels: np.ndarray) -> tuple[float, float, 
     holder["state"], metrics = compiled(holder["state"], batch)
     jax.block_until_ready(metrics["loss"])
 
-  params = train.count_params(state.params)
-  return _median_step_seconds(run, _STEPS.value), compile_s, params
+  return run, compile_s, train.count_params(state.params)
 
 
-def time_torch(images: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
-  """(median step seconds, parameters) of the same network in PyTorch, channels_last."""
+def torch_step(images: np.ndarray, labels: np.ndarray):
+  """(run one step, parameters) of the same network in PyTorch, channels_last."""
   import torch
   from torch import nn
 
@@ -135,8 +139,7 @@ def time_torch(images: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
     optimizer.step()
     loss.item()
 
-  params = sum(p.numel() for p in model.parameters())
-  return _median_step_seconds(run, _STEPS.value), params
+  return run, sum(p.numel() for p in model.parameters())
 
 
 def main(_):
@@ -145,8 +148,9 @@ def main(_):
   b, s = _BATCH.value, _SIZE.value
   images = rng.standard_normal((b, s, s, 3), dtype=np.float32)
   labels = rng.integers(0, _CLASSES.value, (b, s, s)).astype(np.int32)
-  jax_s, compile_s, jax_params = time_seg_jax(images, labels)
-  torch_s, torch_params = time_torch(images, labels)
+  jax_run, compile_s, jax_params = seg_jax_step(images, labels)
+  torch_run, torch_params = torch_step(images, labels)
+  jax_s, torch_s = interleaved_median_seconds([jax_run, torch_run], _STEPS.value)
   gflop = 3 * flop_count.unet_forward_flops(b, s, 3, _WIDTH.value, _DEPTH.value,
                                             _CLASSES.value) / 1e9
   print(json.dumps({
