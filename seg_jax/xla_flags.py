@@ -6,11 +6,14 @@ when the backend starts.
 
 import os
 
-# XLA:CPU's YNNPACK fusions for dots, elementwise ops and reductions: U-Net
-# train steps run 1.3-1.5x faster on a 2-core Xeon (benchmarks/train_step.py:
-# default config 267 -> 204 ms, batch 16 depth 3 501 -> 326 ms), with the same
-# gradients (tests/test_xla_flags.py). Only the CPU backend reads it.
-YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+# XLA:CPU's YNNPACK fusions for dots and reductions (benchmarks/train_step.py on a 2-core
+# Xeon, medians of alternating runs): U-Net default config 176 ms with plain XLA, 133 ms with
+# these; with YNN's eltwise fusions added as well it was 168 ms, Mask R-CNN 321 instead of
+# 279 ms, DeepLabv3+ 183 instead of 139 ms. YNN's eltwise fusions are left out: they cannot fuse a
+# broadcast, so every per-channel scale and shift (batch norm, biases) was first written out at
+# the activation's full size. The gradients are the same (tests/test_xla_flags.py). Only the
+# CPU backend reads it.
+YNN_FUSIONS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 
 
 def set_default_xla_flags() -> None:
