@@ -1,7 +1,12 @@
-"""Times the jitted train step on synthetic data; prints one JSON line.
+"""Times the jitted train step (or eval step) on synthetic data; prints one JSON line.
 
   python benchmarks/train_step.py --config=configs/unet.py [--config.key=value ...] [--steps=20]
   python benchmarks/train_step.py --config=configs/mask_rcnn.py
+  python benchmarks/train_step.py --config=configs/unet.py --step=eval   # eval throughput
+
+`--step=eval` times the jitted eval step that `--mode=eval` and the in-training evaluations
+run: the forward pass in inference mode plus the task's outputs (the batch's confusion matrix
+and class ids; for detectors, NMS'd detections with pasted masks); host-side scoring excluded.
 
 Reports the median step time after warm-up, images/s, compile time, XLA's
 FLOP count for the step and the achieved GFLOP/s, and for the U-Net the analytic
@@ -34,6 +39,7 @@ from seg_jax.models import registry
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/unet.py", "Experiment config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps after 3 warm-up steps.")
+_STEP = flags.DEFINE_enum("step", "train", ["train", "eval"], "Which jitted step to time.")
 
 
 def _batch(config) -> dict:
@@ -70,9 +76,15 @@ def main(_):
   tx, schedule = train.make_optimizer(config)
   state = train.create_train_state(config, model, tx, mesh)
   size, b = config.dataset.image_size, config.batch_size
-  batch = parallel.host_batch_to_global(_batch(config), mesh)
-  step = jax.jit(lambda s, x: train.train_step(s, x, model=model, tx=tx, schedule=schedule,
-                                               config=config), donate_argnums=0)
+  host_batch = _batch(config)
+  if _STEP.value == "eval":
+    host_batch["valid"] = np.ones((b,), bool)
+  batch = parallel.host_batch_to_global(host_batch, mesh)
+  if _STEP.value == "train":
+    step = jax.jit(lambda s, x: train.train_step(s, x, model=model, tx=tx, schedule=schedule,
+                                                 config=config), donate_argnums=0)
+  else:
+    step = jax.jit(lambda s, x: train.eval_step(s, x, model=model, config=config))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -82,22 +94,26 @@ def main(_):
   times = []
   for i in range(3 + _STEPS.value):
     t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics["loss"])
+    if _STEP.value == "train":
+      state, out = compiled(state, batch)
+    else:
+      out = compiled(state, batch)
+    jax.block_until_ready(out)
     if i >= 3:
       times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
   analytic = None
   if config.model.name == "unet" and not config.model.backbone:
-    analytic = 3 * flop_count.unet_forward_flops(b, size, 3, config.model.width, config.model.depth,
-                                                 config_lib.num_logits(config)) / 1e9
+    passes = 3 if _STEP.value == "train" else 1  # forward + both gradients; forward only
+    analytic = passes * flop_count.unet_forward_flops(
+        b, size, 3, config.model.width, config.model.depth, config_lib.num_logits(config)) / 1e9
   print(json.dumps({
-      "benchmark": "train_step", "model": config.model.name, "batch_size": b, "image_size": size,
+      "benchmark": f"{_STEP.value}_step", "model": config.model.name, "batch_size": b, "image_size": size,
       "width": config.model.width, "depth": config.model.depth, "dtype": config.dtype,
       "step_ms": round(step_s * 1e3, 2), "img_per_s": round(b / step_s, 1),
       "compile_s": round(compile_s, 2), "gflops_per_step": round(flops / 1e9, 2),
       "achieved_gflops": round(flops / 1e9 / step_s, 1),
-      "analytic_gflops_per_step": analytic and round(analytic, 2),  # U-Net convs, 3x forward
+      "analytic_gflops_per_step": analytic and round(analytic, 2),  # U-Net convs
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
       "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
