@@ -21,6 +21,7 @@ UPSAMPLINGS = ("transpose", "resize")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine", "polynomial")
 DTYPES = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("default", "high", "highest")  # jax_default_matmul_precision
 TTA_MODES = ("none", "hflip", "hvflip")
 ON_NONFINITE = ("stop", "skip")
 
@@ -45,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3            # newest checkpoints kept in WORKDIR/checkpoints
   c.num_eval_visuals = 6            # examples drawn into PNG panels at each eval
   c.dtype = "float32"               # compute dtype; parameters stay float32
+  # Precision of float32 matmuls and convolutions: "default" lets accelerators use TF32 or
+  # bf16 passes (NVIDIA Ampere+: TF32); "highest" is full float32. CPUs compute float32 anyway.
+  c.matmul_precision = "default"
   # A NaN/Inf loss, gradient norm or parameter norm: "stop" ends training naming the
   # step and quantity (nothing is saved); "skip" drops that step's update and counts it.
   c.on_nonfinite = "stop"
@@ -223,6 +227,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("optimizer.name", OPTIMIZERS)
   choice("optimizer.schedule", SCHEDULES)
   choice("dtype", DTYPES)
+  choice("matmul_precision", MATMUL_PRECISIONS)
   choice("on_nonfinite", ON_NONFINITE)
   choice("predict.tta", TTA_MODES)
   for key in ("batch_size", "num_train_steps", "log_every_steps", "eval_every_steps",

@@ -104,10 +104,11 @@ def model_input_channels(model: nn.Module, variables: dict, tile_size: int) -> i
 
 
 def make_tile_function(model: nn.Module, variables: dict, *, tta: str, batch_size: int,
-                       tile_size: int, channels: int, mesh) -> Callable[[np.ndarray], jax.Array]:
+                       tile_size: int, channels: int, mesh, matmul_precision: str = "default"
+                       ) -> Callable[[np.ndarray], jax.Array]:
   """tiles float32 [batch_size, T, T, C] (numpy) -> probabilities [batch_size, T, T, K] on device.
 
-  Compiled here, once: every image of every size reuses it. Calls return
+  Compiled here, once, at `matmul_precision`: every image of every size reuses it. Calls return
   immediately (asynchronous dispatch), so the host can blend the previous
   batch while the device works on the next.
   """
@@ -117,7 +118,8 @@ def make_tile_function(model: nn.Module, variables: dict, *, tta: str, batch_siz
   tiles_shape = jax.ShapeDtypeStruct((batch_size, tile_size, tile_size, channels), jnp.float32,
                                      sharding=data)
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  compiled = jitted.lower(variables, tiles_shape).compile()
+  with jax.default_matmul_precision(matmul_precision):
+    compiled = jitted.lower(variables, tiles_shape).compile()
   return lambda tiles: compiled(variables, jax.device_put(tiles, data))
 
 
@@ -328,7 +330,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   channels = model_input_channels(trainer.model, variables, p.tile_size)
   t0 = time.perf_counter()
   tile_fn = make_tile_function(trainer.model, variables, tta=p.tta, batch_size=p.batch_size,
-                               tile_size=p.tile_size, channels=channels, mesh=trainer.mesh)
+                               tile_size=p.tile_size, channels=channels, mesh=trainer.mesh,
+                               matmul_precision=config.matmul_precision)
   compile_s = time.perf_counter() - t0
 
   predicted, skipped = [], []

@@ -138,8 +138,14 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
   """One optimiser step on a global batch; returns the new state and scalar metrics.
 
-  The task (`seg_jax/tasks`) defines the loss; the step is the same for all.
+  The task (`seg_jax/tasks`) defines the loss; the step is the same for all. Its matmuls and
+  convolutions run at `config.matmul_precision`.
   """
+  with jax.default_matmul_precision(config.matmul_precision):
+    return _train_step(state, batch, model=model, tx=tx, schedule=schedule, config=config)
+
+
+def _train_step(state, batch, *, model, tx, schedule, config):
   # Dropout (semantic) or RoI sampling (instance) randomness of this step.
   step_key = jax.random.fold_in(jax.random.key(config.seed), state.step + 1)
   task = tasks.get_task(config)
@@ -171,8 +177,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
               config: ml_collections.ConfigDict):
   """The task's eval outputs of one global batch (a confusion matrix and class ids, or
-  detections); padding examples (valid=False) never count."""
-  return tasks.get_task(config).eval_outputs(model, model_variables(state), batch)
+  detections), at `config.matmul_precision`; padding examples (valid=False) never count."""
+  with jax.default_matmul_precision(config.matmul_precision):
+    return tasks.get_task(config).eval_outputs(model, model_variables(state), batch)
 
 
 # ---------------------------------------------------------------------------- host helpers

@@ -61,6 +61,7 @@ def test_unknown_key_in_a_config_file_is_caught(data_dir):
     ("dataset.ignore_label", 3, "outside \\[0, num_classes=6\\)"),
     ("optimizer.name", "lamb", "must be one of sgd, adam, adamw"),
     ("loss.class_weights", (1.0, 2.0), "must be 6 non-negative numbers"),
+    ("matmul_precision", "tf32", "must be one of default, high, highest"),
 ])
 def test_bad_values(key, value, message):
   config = config_lib.base_config()

@@ -1,4 +1,5 @@
-"""config.dtype=bfloat16: bf16 compute, float32 parameters and loss, metrics as in float32.
+"""config.dtype=bfloat16: bf16 compute, float32 parameters and loss, metrics as in float32; and
+config.matmul_precision reaches the compiled steps.
 
 Tolerances (README, Performance): the same trained weights evaluated in bf16 give Dice, IoU and
 pixel accuracy within 0.01 of float32; bf16 training reaches a Dice within 0.05 of float32
@@ -79,3 +80,28 @@ def test_bfloat16_training_reaches_float32_metrics(float32_run, data_dir, tmp_pa
   bf16 = train.train_and_evaluate(_config(data_dir, "bfloat16"), str(tmp_path))
   for key in SCALARS:
     assert abs(bf16[key] - f32[key]) <= 0.05, (key, bf16[key], f32[key])
+
+
+@pytest.mark.parametrize("precision,hlo_precision", [("default", "DEFAULT"), ("highest", "HIGHEST")])
+def test_matmul_precision_reaches_the_train_and_eval_steps(data_dir, precision, hlo_precision):
+  config = tiny_config(data_dir)
+  config.matmul_precision = precision
+  config_lib.validate(config)
+  mesh = parallel.make_mesh()
+  model = registry.build_model(config)
+  tx, schedule = train.make_optimizer(config)
+  state = train.create_train_state(config, model, tx, mesh)
+  batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
+           "mask": jax.ShapeDtypeStruct((8, 32, 32), jnp.int32),
+           "valid": jax.ShapeDtypeStruct((8,), jnp.bool_)}
+  steps = {"train": lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,
+                                                  config=config),
+           "eval": lambda s, b: train.eval_step(s, b, model=model, config=config)}
+  for name, step in steps.items():
+    hlo = jax.jit(step).lower(state, batch).as_text()
+    convs = re.findall(r"stablehlo\.convolution.*", hlo)
+    assert convs, name
+    for conv in convs:
+      assert set(re.findall(r"stablehlo<precision (\w+)>", conv)) <= {hlo_precision}, (name, conv)
+      if precision != "default":  # DEFAULT may be written out or left implicit
+        assert f"precision {hlo_precision}>" in conv, (name, conv)
