@@ -14,10 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seg_jax import config as config_lib
 from seg_jax import parallel
 from seg_jax import train
-from seg_jax.models import registry
 from tests.conftest import tiny_config
 
 SCALARS = ("eval/dice", "eval/jaccard", "eval/pixel_accuracy")
@@ -40,24 +38,23 @@ def float32_run(tmp_path_factory, data_dir):
   return workdir, train.train_and_evaluate(_config(data_dir, "float32"), workdir)
 
 
-def test_bfloat16_computes_in_bf16_with_float32_parameters_and_loss(data_dir):
-  config = _config(data_dir, "bfloat16")
-  config_lib.validate(config)
-  mesh = parallel.make_mesh()
-  model = registry.build_model(config)
-  tx, schedule = train.make_optimizer(config)
-  state = train.create_train_state(config, model, tx, mesh)
-  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+def _random_batch(trainer):
   rng = np.random.default_rng(0)
-  batch = parallel.host_batch_to_global(
+  return parallel.host_batch_to_global(
       {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32),
-       "mask": rng.integers(0, config.dataset.num_classes, (8, 32, 32)).astype(np.int32)}, mesh)
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,
-                                               config=config))
-  hlo = step.lower(state, batch).as_text()
+       "mask": rng.integers(0, trainer.config.dataset.num_classes, (8, 32, 32)).astype(np.int32),
+       "valid": np.ones((8,), bool)}, trainer.mesh)
+
+
+def test_bfloat16_computes_in_bf16_with_float32_parameters_and_loss(data_dir, tmp_path):
+  trainer = train.Trainer(_config(data_dir, "bfloat16"), str(tmp_path))
+  state = trainer.initial_state()
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  batch = _random_batch(trainer)
+  hlo = trainer.train_step.lower(state, batch).as_text()
   convs = re.findall(r"stablehlo\.convolution.*?-> tensor<([^>]*)>", hlo)
   assert convs and all(c.endswith("bf16") for c in convs), convs
-  new_state, metrics = step(state, batch)
+  new_state, metrics = trainer.train_step(state, batch)
   assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
   assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
   assert {x.dtype for x in jax.tree.leaves(new_state.batch_stats)} == {jnp.dtype(jnp.float32)}
@@ -83,23 +80,14 @@ def test_bfloat16_training_reaches_float32_metrics(float32_run, data_dir, tmp_pa
 
 
 @pytest.mark.parametrize("precision,hlo_precision", [("default", "DEFAULT"), ("highest", "HIGHEST")])
-def test_matmul_precision_reaches_the_train_and_eval_steps(data_dir, precision, hlo_precision):
+def test_matmul_precision_reaches_the_train_and_eval_steps(data_dir, tmp_path, precision,
+                                                           hlo_precision):
   config = tiny_config(data_dir)
   config.matmul_precision = precision
-  config_lib.validate(config)
-  mesh = parallel.make_mesh()
-  model = registry.build_model(config)
-  tx, schedule = train.make_optimizer(config)
-  state = train.create_train_state(config, model, tx, mesh)
-  batch = {"image": jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32),
-           "mask": jax.ShapeDtypeStruct((8, 32, 32), jnp.int32),
-           "valid": jax.ShapeDtypeStruct((8,), jnp.bool_)}
-  steps = {"train": lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,
-                                                  config=config),
-           "eval": lambda s, b: train.eval_step(s, b, model=model, config=config)}
-  for name, step in steps.items():
-    hlo = jax.jit(step).lower(state, batch).as_text()
-    convs = re.findall(r"stablehlo\.convolution.*", hlo)
+  trainer = train.Trainer(config, str(tmp_path))
+  state, batch = trainer.initial_state(), _random_batch(trainer)
+  for name, step in (("train", trainer.train_step), ("eval", trainer.eval_step)):
+    convs = re.findall(r"stablehlo\.convolution.*", step.lower(state, batch).as_text())
     assert convs, name
     for conv in convs:
       assert set(re.findall(r"stablehlo<precision (\w+)>", conv)) <= {hlo_precision}, (name, conv)
