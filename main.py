@@ -18,9 +18,11 @@ import sys
 # Keep TensorFlow (used only for input pipelines) off the accelerators and quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_GCE_CHECK", "true")
-from seg_jax import xla_flags  # before jax is imported
+from seg_jax import host_memory  # before jax is imported
+from seg_jax import xla_flags
 
 xla_flags.set_default_xla_flags()
+host_memory.keep_freed_memory()  # only with SEG_JAX_REUSE_HOST_MEMORY=1
 
 from absl import app
 from absl import flags

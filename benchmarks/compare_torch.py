@@ -20,9 +20,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from seg_jax import xla_flags  # before jax is imported; SEG_JAX_PLAIN_XLA=1 for plain XLA
+from seg_jax import host_memory  # before jax is imported; SEG_JAX_REUSE_HOST_MEMORY=1 to use
+from seg_jax import xla_flags  # SEG_JAX_PLAIN_XLA=1 for plain XLA
 
 xla_flags.set_default_xla_flags()
+host_memory.keep_freed_memory()
 
 from absl import app
 from absl import flags

@@ -13,6 +13,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from seg_jax import host_memory  # as main.py does (SEG_JAX_REUSE_HOST_MEMORY=1)
+
+_KEEPS_FREED_MEMORY = host_memory.keep_freed_memory()
 
 from absl import app
 from absl import flags

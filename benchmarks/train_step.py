@@ -21,9 +21,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from seg_jax import xla_flags  # before jax is imported; SEG_JAX_PLAIN_XLA=1 for plain XLA
+from seg_jax import host_memory  # before jax is imported; SEG_JAX_REUSE_HOST_MEMORY=1 to use
+from seg_jax import xla_flags  # SEG_JAX_PLAIN_XLA=1 for plain XLA
 
 xla_flags.set_default_xla_flags()
+_KEEPS_FREED_MEMORY = host_memory.keep_freed_memory()
 
 from absl import app
 from absl import flags
@@ -91,8 +93,9 @@ def main(_):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", float("nan")))
-  times = []
+  times, faults, system_s = [], [], []
   for i in range(3 + _STEPS.value):
+    faults_before, cpu_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, os.times()
     t0 = time.perf_counter()
     if _STEP.value == "train":
       state, out = compiled(state, batch)
@@ -101,6 +104,8 @@ def main(_):
     jax.block_until_ready(out)
     if i >= 3:
       times.append(time.perf_counter() - t0)
+      faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+      system_s.append(os.times().system - cpu_before.system)
   step_s = float(np.median(times))
   analytic = None
   if config.model.name == "unet" and not config.model.backbone:
@@ -114,6 +119,10 @@ def main(_):
       "compile_s": round(compile_s, 2), "gflops_per_step": round(flops / 1e9, 2),
       "achieved_gflops": round(flops / 1e9 / step_s, 1),
       "analytic_gflops_per_step": analytic and round(analytic, 2),  # U-Net convs
+      # Kernel work per step: first touches of freshly mapped host memory (seg_jax/host_memory.py).
+      "page_faults_per_step": int(np.median(faults)),
+      "system_cpu_ms": round(float(np.median(system_s)) * 1e3, 1),
+      "keeps_freed_host_memory": _KEEPS_FREED_MEMORY,
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
       "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
