@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from seg_jax import host_memory  # as main.py does (SEG_JAX_REUSE_HOST_MEMORY=1)
 
-_KEEPS_FREED_MEMORY = host_memory.keep_freed_memory()
+_REUSES_HOST_MEMORY = host_memory.keep_freed_memory()
 
 from absl import app
 from absl import flags
@@ -44,7 +44,7 @@ def main(_):
                     "image_size": config.dataset.image_size, "batch_size": config.batch_size,
                     "img_per_s": round(_BATCHES.value * config.batch_size / seconds, 1),
                     "ms_per_batch": round(seconds / _BATCHES.value * 1e3, 2),
-                    "cpu_count": os.cpu_count()}))
+                    "reuse_host_memory": _REUSES_HOST_MEMORY, "cpu_count": os.cpu_count()}))
 
 
 if __name__ == "__main__":

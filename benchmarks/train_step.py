@@ -25,7 +25,7 @@ from seg_jax import host_memory  # before jax is imported; SEG_JAX_REUSE_HOST_ME
 from seg_jax import xla_flags  # SEG_JAX_PLAIN_XLA=1 for plain XLA
 
 xla_flags.set_default_xla_flags()
-_KEEPS_FREED_MEMORY = host_memory.keep_freed_memory()
+_REUSES_HOST_MEMORY = host_memory.keep_freed_memory()
 
 from absl import app
 from absl import flags
@@ -122,7 +122,7 @@ def main(_):
       # Kernel work per step: first touches of freshly mapped host memory (seg_jax/host_memory.py).
       "page_faults_per_step": int(np.median(faults)),
       "system_cpu_ms": round(float(np.median(system_s)) * 1e3, 1),
-      "keeps_freed_host_memory": _KEEPS_FREED_MEMORY,
+      "reuse_host_memory": _REUSES_HOST_MEMORY,
       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
       "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
