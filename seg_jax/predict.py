@@ -50,6 +50,7 @@ from seg_jax import tiling
 from seg_jax import visualize
 from seg_jax.data import image_io
 from seg_jax.data.errors import DataError
+from seg_jax.ops import conv as conv_ops
 
 # Flipped views averaged by each TTA mode: axes of an [N, H, W, C] batch (() = as is).
 TTA_FLIPS = {"none": ((),), "hflip": ((), (2,)), "hvflip": ((), (2,), (1,), (1, 2))}
@@ -104,13 +105,13 @@ def model_input_channels(model: nn.Module, variables: dict, tile_size: int) -> i
 
 
 def make_tile_function(model: nn.Module, variables: dict, *, tta: str, batch_size: int,
-                       tile_size: int, channels: int, mesh, matmul_precision: str = "default"
-                       ) -> Callable[[np.ndarray], jax.Array]:
+                       tile_size: int, channels: int, mesh, matmul_precision: str = "default",
+                       conv_backend: str = "auto") -> Callable[[np.ndarray], jax.Array]:
   """tiles float32 [batch_size, T, T, C] (numpy) -> probabilities [batch_size, T, T, K] on device.
 
-  Compiled here, once, at `matmul_precision`: every image of every size reuses it. Calls return
-  immediately (asynchronous dispatch), so the host can blend the previous
-  batch while the device works on the next.
+  Compiled here, once, at `matmul_precision` and on `conv_backend` (`seg_jax/ops/conv.py`):
+  every image of every size reuses it. Calls return immediately (asynchronous dispatch), so
+  the host can blend the previous batch while the device works on the next.
   """
   data = parallel.batch_sharding(mesh)
   jitted = jax.jit(functools.partial(tile_probabilities, model=model, tta=tta),
@@ -118,7 +119,7 @@ def make_tile_function(model: nn.Module, variables: dict, *, tta: str, batch_siz
   tiles_shape = jax.ShapeDtypeStruct((batch_size, tile_size, tile_size, channels), jnp.float32,
                                      sharding=data)
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  with jax.default_matmul_precision(matmul_precision):
+  with jax.default_matmul_precision(matmul_precision), conv_ops.backend(conv_backend):
     compiled = jitted.lower(variables, tiles_shape).compile()
   return lambda tiles: compiled(variables, jax.device_put(tiles, data))
 
@@ -331,7 +332,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.perf_counter()
   tile_fn = make_tile_function(trainer.model, variables, tta=p.tta, batch_size=p.batch_size,
                                tile_size=p.tile_size, channels=channels, mesh=trainer.mesh,
-                               matmul_precision=config.matmul_precision)
+                               matmul_precision=config.matmul_precision,
+                               conv_backend=config.conv_backend)
   compile_s = time.perf_counter() - t0
 
   predicted, skipped = [], []

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from seg_jax import config as config_lib
 from seg_jax import init_from
 from seg_jax import models
 from seg_jax import parallel
@@ -32,6 +33,8 @@ from seg_jax import visualize
 from seg_jax import writers
 from seg_jax.data import pipeline
 from seg_jax.models import registry
+from seg_jax.ops import conv as conv_ops
+from seg_jax.ops import onednn
 
 
 class NonFiniteError(RuntimeError):
@@ -139,9 +142,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   """One optimiser step on a global batch; returns the new state and scalar metrics.
 
   The task (`seg_jax/tasks`) defines the loss; the step is the same for all. Its matmuls and
-  convolutions run at `config.matmul_precision`.
+  convolutions run at `config.matmul_precision`, its convolutions on `config.conv_backend`.
   """
-  with jax.default_matmul_precision(config.matmul_precision):
+  with jax.default_matmul_precision(config.matmul_precision), conv_ops.backend(config.conv_backend):
     return _train_step(state, batch, model=model, tx=tx, schedule=schedule, config=config)
 
 
@@ -177,8 +180,9 @@ def _train_step(state, batch, *, model, tx, schedule, config):
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
               config: ml_collections.ConfigDict):
   """The task's eval outputs of one global batch (a confusion matrix and class ids, or
-  detections), at `config.matmul_precision`; padding examples (valid=False) never count."""
-  with jax.default_matmul_precision(config.matmul_precision):
+  detections), at `config.matmul_precision` and on `config.conv_backend`; padding examples
+  (valid=False) never count."""
+  with jax.default_matmul_precision(config.matmul_precision), conv_ops.backend(config.conv_backend):
     return tasks.get_task(config).eval_outputs(model, model_variables(state), batch)
 
 
@@ -191,6 +195,12 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
+    try:  # the steps resolve it again when traced; this fails at start and says which it is
+      self.conv_backend = conv_ops.resolve(config.conv_backend)
+    except onednn.OneDNNUnavailable as e:
+      raise config_lib.ConfigError(str(e)) from e
+    logging.info("Convolutions: %s (conv_backend=%s)", "oneDNN " + onednn.version()
+                 if self.conv_backend == "onednn" else "XLA", config.conv_backend)
     self.model = registry.build_model(config)
     self.task = tasks.get_task(config)
     self.tx, self.schedule = make_optimizer(config)

@@ -25,6 +25,9 @@ config.log_every_steps = 1
 config.checkpoint_every_steps = 10
 config.eval_every_steps = 10
 config.dataset.num_validation = 12
+# Both sides on XLA's convolution, so that only the sharding differs (on one device 'auto'
+# would pick oneDNN's; tests/test_conv_backend.py compares the two).
+config.conv_backend = "xla"
 assert jax.device_count() == int(sys.argv[4]), jax.devices()
 run = train.train_and_evaluate if mode == "train" else train.evaluate
 scalars = run(config, workdir)

@@ -97,5 +97,5 @@ class DeepLabV3Plus(nn.Module):
     y = jnp.concatenate([y, low], axis=-1)
     y = conv(self.decoder_features, 3, "decoder1")(y, train=train)
     y = conv(self.decoder_features, 3, "decoder2")(y, train=train)
-    logits = nn.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(y)
+    logits = layers.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(y)
     return _resize(logits.astype(jnp.float32), height, width)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from seg_jax.ops import conv as conv_ops
+
+# Every convolution of every model: flax's Conv (same parameters and names), computed by
+# seg_jax/ops/conv.py, which runs oneDNN's kernels on a single CPU device.
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_ops.conv_general_dilated)
 
 
 def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float32) -> nn.Module | None:
@@ -37,8 +44,8 @@ class ConvNormAct(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = make_norm(self.norm, train=train, groups=self.norm_groups, dtype=self.dtype)
-    x = nn.Conv(self.features, (self.kernel_size,) * 2, kernel_dilation=self.dilation,
-                use_bias=norm is None, dtype=self.dtype)(x)
+    x = Conv(self.features, (self.kernel_size,) * 2, kernel_dilation=self.dilation,
+             use_bias=norm is None, dtype=self.dtype)(x)
     if norm is not None:
       x = norm(x)
     return nn.relu(x)
@@ -79,7 +86,7 @@ class LearnedUpsample2x(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(4 * self.features, (1, 1), dtype=self.dtype, name="conv")(x)
+    x = Conv(4 * self.features, (1, 1), dtype=self.dtype, name="conv")(x)
     return depth_to_space(x, 2)
 
 
@@ -92,7 +99,7 @@ class ResizeUpsample2x(nn.Module):
   def __call__(self, x):
     n, h, w, c = x.shape
     x = jax.image.resize(x, (n, 2 * h, 2 * w, c), method="bilinear")
-    return nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
+    return Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
 
 
 def make_upsample(kind: str, features: int, dtype: Any = jnp.float32) -> nn.Module:

@@ -99,7 +99,7 @@ def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name=N
   # Flax's default (LeCun normal) kernel init, not torchvision's He fan-out with zero-initialised
   # last norms per block: on the shapes dataset DeepLabv3+ (configs/deeplabv3plus.py) reached
   # validation Dice 0.70 instead of 0.51 after 800 steps, and 0.877 instead of 0.854 after 4000.
-  return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
+  return layers.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                  kernel_dilation=dilation, use_bias=use_bias, dtype=dtype, name=name)
 
 

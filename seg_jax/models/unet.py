@@ -79,7 +79,7 @@ class UNet(nn.Module):
         x = jnp.concatenate([skips[level], x], axis=-1)
       x = block(features)(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    logits = nn.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(x)
+    logits = layers.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(x)
     return logits.astype(jnp.float32)
 
   def _resnet_encoder(self, x, train):

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from seg_jax.models import resnet
+from seg_jax.models import layers, resnet
 
 LEVELS = (2, 3, 4, 5, 6)
 
@@ -33,7 +33,7 @@ class FPN(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    conv = lambda k, name: nn.Conv(self.features, (k, k), dtype=self.dtype, name=name)
+    conv = lambda k, name: layers.Conv(self.features, (k, k), dtype=self.dtype, name=name)
     laterals = [conv(1, f"lateral{k}")(inputs[f"c{k}"]) for k in (2, 3, 4, 5)]
     merged = [laterals[-1]]
     for lateral in reversed(laterals[:-1]):

@@ -110,10 +110,10 @@ class MaskHead(nn.Module):
     lead = pooled.shape[:-3]
     x = pooled.reshape((-1,) + pooled.shape[-3:]).astype(self.dtype)
     for i in range(self.num_convs):
-      x = nn.relu(nn.Conv(self.features, (3, 3), dtype=self.dtype, name=f"conv{i + 1}")(x))
+      x = nn.relu(layers.Conv(self.features, (3, 3), dtype=self.dtype, name=f"conv{i + 1}")(x))
     # The function of a 2x2 stride-2 transposed conv, without its slow gradient (layers.py).
     x = nn.relu(layers.LearnedUpsample2x(self.features, dtype=self.dtype, name="upsample")(x))
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="predictor")(x)
+    x = layers.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="predictor")(x)
     return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from seg_jax.models import layers
 from seg_jax.models.detection import boxes as box_ops
 from seg_jax.models.detection import nms as nms_ops
 
@@ -37,10 +38,10 @@ class RPNHead(nn.Module):
   @nn.compact
   def __call__(self, levels: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
     small = nn.initializers.normal(0.01)   # start near "no object, no shift"
-    conv = nn.Conv(levels[0].shape[-1], (3, 3), dtype=self.dtype, kernel_init=small, name="conv")
-    objectness = nn.Conv(self.num_anchors, (1, 1), dtype=self.dtype, kernel_init=small,
+    conv = layers.Conv(levels[0].shape[-1], (3, 3), dtype=self.dtype, kernel_init=small, name="conv")
+    objectness = layers.Conv(self.num_anchors, (1, 1), dtype=self.dtype, kernel_init=small,
                          name="objectness")
-    deltas = nn.Conv(4 * self.num_anchors, (1, 1), dtype=self.dtype, kernel_init=small,
+    deltas = layers.Conv(4 * self.num_anchors, (1, 1), dtype=self.dtype, kernel_init=small,
                      name="deltas")
     all_logits, all_deltas = [], []
     for x in levels:

@@ -1,0 +1,1 @@
+"""Device operations with more than one implementation (see conv.py)."""

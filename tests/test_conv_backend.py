@@ -1,0 +1,163 @@
+"""seg_jax/ops: oneDNN convolutions compute what XLA's do, forward and both gradients."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from seg_jax import config as config_lib
+from seg_jax.models import init_key
+from seg_jax.models.unet import UNet
+from seg_jax.ops import conv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+# (batch, height, width, in, out, kernel, strides, padding, dilation): odd batches split into
+# uneven chunks over the thread pool; strided, dilated, asymmetric and 1x1 cases.
+GEOMETRIES = [
+    (8, 16, 17, 3, 8, 3, (1, 1), "SAME", (1, 1)),
+    (5, 17, 18, 4, 6, 7, (2, 2), ((3, 3), (3, 3)), (1, 1)),     # a ResNet stem
+    (3, 12, 13, 8, 8, 3, (1, 1), ((2, 2), (2, 2)), (2, 2)),     # atrous
+    (2, 9, 10, 5, 7, 1, (1, 1), "VALID", (1, 1)),
+    (1, 10, 11, 4, 4, 3, (2, 1), ((0, 1), (1, 0)), (1, 1)),
+]
+
+
+def _numpy_conv(x, w, strides, padding, dilation):
+  """Direct convolution and its kernel gradient for cotangent `dy`, by explicit loops over taps."""
+  (pt, pb), (pl, pr) = padding
+  xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw = w.shape[:2]
+  oh = (xp.shape[1] - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+  ow = (xp.shape[2] - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+
+  def window(i, j):  # [N, OH, OW, Cin] input pixels under tap (i, j)
+    r0, c0 = i * dilation[0], j * dilation[1]
+    return xp[:, r0:r0 + strides[0] * (oh - 1) + 1:strides[0],
+              c0:c0 + strides[1] * (ow - 1) + 1:strides[1]]
+
+  y = sum(np.einsum("nhwc,cd->nhwd", window(i, j), w[i, j]) for i in range(kh) for j in range(kw))
+
+  def kernel_grad(dy):
+    return np.stack([np.stack([np.einsum("nhwc,nhwd->cd", window(i, j), dy) for j in range(kw)])
+                     for i in range(kh)])
+
+  return y, kernel_grad
+
+
+def _pads(x_shape, w_shape, strides, padding, dilation):
+  if not isinstance(padding, str):
+    return padding
+  dilated = [(k - 1) * d + 1 for k, d in zip(w_shape[:2], dilation)]
+  return lax.padtype_to_pads(x_shape[1:3], dilated, strides, padding)
+
+
+def _conv_and_grads(backend, x, w, strides, padding, dilation, dy):
+  def f(x, w):
+    with conv.backend(backend):
+      return conv.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                       dimension_numbers=NHWC)
+  y, vjp = jax.vjp(f, x, w)
+  return (y, *vjp(dy))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[5]}x{g[5]}/s{g[6][0]}/d{g[8][0]}/n{g[0]}")
+def test_onednn_matches_numpy_and_xla(geometry):
+  n, h, w_, cin, cout, k, strides, padding, dilation = geometry
+  rng = np.random.default_rng(n * 100 + k)
+  x = rng.standard_normal((n, h, w_, cin)).astype(np.float32)
+  w = rng.standard_normal((k, k, cin, cout)).astype(np.float32)
+  expected_y, kernel_grad = _numpy_conv(x, w, strides, _pads(x.shape, w.shape, strides, padding,
+                                                                dilation), dilation)
+  dy = rng.standard_normal(expected_y.shape).astype(np.float32)
+  y, dx, dw = jax.jit(lambda x, w, dy: _conv_and_grads("onednn", x, w, strides, padding,
+                                                       dilation, dy))(x, w, dy)
+  _, dx_xla, _ = jax.jit(lambda x, w, dy: _conv_and_grads("xla", x, w, strides, padding,
+                                                          dilation, dy))(x, w, dy)
+  scale = lambda a: np.abs(a).max()
+  np.testing.assert_allclose(y, expected_y, atol=1e-5 * scale(expected_y))
+  np.testing.assert_allclose(dw, kernel_grad(dy.astype(np.float64)), atol=1e-5 * scale(dw))
+  np.testing.assert_allclose(dx, dx_xla, atol=1e-5 * scale(dx_xla))
+
+
+def _lowered_text(backend, x, w, **kwargs):
+  def f(x, w):
+    with conv.backend(backend):
+      return conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC, **kwargs)
+  return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1))).lower(
+      x, w).as_text()
+
+
+def test_only_supported_convolutions_leave_xla():
+  x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+  text = _lowered_text("onednn", x, w)
+  for target in ("forward", "backward_data", "backward_weights"):
+    assert f"seg_jax_onednn_conv_{target}" in text
+  assert "seg_jax_onednn" not in _lowered_text("xla", x, w)
+  # bf16 and grouped convolutions stay with XLA, whatever the backend.
+  assert "seg_jax_onednn" not in _lowered_text("onednn", x.astype(jnp.bfloat16),
+                                               w.astype(jnp.bfloat16))
+  assert "seg_jax_onednn" not in _lowered_text("onednn", x, jnp.ones((3, 3, 2, 4)),
+                                               feature_group_count=2)
+  # Outside any backend context a model traces XLA's convolution.
+  text = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                        dimension_numbers=NHWC)).lower(x, w).as_text()
+  assert "seg_jax_onednn" not in text
+
+
+def test_unet_gradients_agree_between_backends():
+  model = UNet(num_logits=3, width=8, depth=2, norm="batch")
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  variables = model.init(init_key(0), x, train=False)
+
+  def grads(backend):
+    def loss(params):
+      with conv.backend(backend):
+        out, _ = model.apply({**variables, "params": params}, x, train=True,
+                             mutable=["batch_stats"])
+      return jnp.mean(jnp.sin(out))
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+  (loss_onednn, g_onednn), (loss_xla, g_xla) = grads("onednn"), grads("xla")
+  assert float(loss_onednn) == pytest.approx(float(loss_xla), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(g_onednn), jax.tree.leaves(g_xla)):
+    np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max() + 1e-7)
+
+
+def test_backend_names_are_checked():
+  with pytest.raises(ValueError, match="unknown conv backend 'mkldnn'"):
+    conv.resolve("mkldnn")
+  assert conv.resolve("xla") == "xla"
+  assert conv.resolve("auto") == "onednn"   # one CPU device, the library builds
+  config = config_lib.base_config()
+  config.conv_backend = "cudnn"
+  with pytest.raises(config_lib.ConfigError, match="config.conv_backend=.*must be one of auto"):
+    config_lib.validate(config)
+
+
+_ON_TWO_DEVICES = """
+import jax
+from seg_jax.ops import conv, onednn
+assert jax.device_count() == 2
+assert conv.resolve("auto") == "xla"
+try:
+  conv.resolve("onednn")
+except onednn.OneDNNUnavailable as e:
+  print("REFUSED", e)
+"""
+
+
+def test_several_devices_keep_xla_convolutions():
+  """XLA's partitioner cannot split a custom call over a mesh: 'auto' falls back, 'onednn' says why."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  result = subprocess.run([sys.executable, "-c", _ON_TWO_DEVICES], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "REFUSED conv_backend=onednn cannot be used: 2 devices" in result.stdout
