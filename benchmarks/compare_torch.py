@@ -9,13 +9,16 @@ as a 1x1 conv to 4*C plus depth-to-space, whose bias is per sub-pixel: 3*C more 
 level), skip concatenation, a 1x1 head; pixel cross-entropy; Adam at 1e-3. PyTorch runs
 channels_last (its fastest CPU layout). Prints one JSON line: median step times after warm-up,
 images/s of each, analytic GFLOP/step and the speed ratio (seg_jax img/s / PyTorch img/s).
-The two step functions are timed alternately, one step each in turn, so that a machine whose
-speed drifts during the run (a shared VM) slows both alike.
+Each framework runs in its own worker process, so neither shares thread pools or OpenMP
+runtime with the other (PyTorch and seg_jax's oneDNN convolutions both use libgomp), and the
+two are stepped alternately, one step each in turn while the other waits idle, so that a
+machine whose speed drifts during the run (a shared VM) slows both alike.
 """
 
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -42,20 +45,62 @@ _SIZE = flags.DEFINE_integer("image_size", 128, "Square image side.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Channels of the first level.")
 _DEPTH = flags.DEFINE_integer("depth", 4, "Downsamplings.")
 _CLASSES = flags.DEFINE_integer("num_classes", 3, "Classes (logits).")
+_CONV_BACKEND = flags.DEFINE_enum("conv_backend", "auto", config_lib.CONV_BACKENDS,
+                                  "seg_jax's config.conv_backend (seg_jax/ops/conv.py).")
 _STEPS = flags.DEFINE_integer("steps", 15, "Timed steps (after 3 warm-up steps), each framework.")
 
 
-def interleaved_median_seconds(run_steps: list, steps: int) -> list[float]:
-  """Median seconds per call of each function, calling them in turn `steps` times after 3
+_WORKER = flags.DEFINE_enum("worker", None, ["seg_jax", "torch"],
+                            "Internal: run as the worker process of one framework.")
+_PROTOCOL = "@@"  # prefixes the workers' protocol lines; anything else on stdout is ignored
+
+
+def _serve(run, info: dict) -> None:
+  """Worker side: announce `info`, then run one step per 'step' line read, reporting seconds."""
+  print(_PROTOCOL + json.dumps(info), flush=True)
+  for line in sys.stdin:
+    if line.strip() != "step":
+      return
+    t0 = time.perf_counter()
+    run()
+    print(f"{_PROTOCOL}{time.perf_counter() - t0}", flush=True)
+
+
+def _reply(worker: subprocess.Popen) -> str:
+  for line in worker.stdout:
+    if line.startswith(_PROTOCOL):
+      return line[len(_PROTOCOL):].strip()
+  raise RuntimeError(f"benchmark worker {worker.args[2]} exited with {worker.wait()}")
+
+
+def _start_worker(name: str) -> tuple[subprocess.Popen, dict]:
+  worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={name}",
+                             *sys.argv[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+  return worker, json.loads(_reply(worker))
+
+
+def interleaved_median_seconds(workers: list, steps: int) -> list[float]:
+  """Median seconds per step of each worker, stepping them in turn `steps` times after 3
   warm-up rounds."""
-  times = [[] for _ in run_steps]
+  times = [[] for _ in workers]
   for i in range(3 + steps):
-    for run_step, own in zip(run_steps, times):
-      t0 = time.perf_counter()
-      run_step()
+    for worker, own in zip(workers, times):
+      worker.stdin.write("step\n")
+      worker.stdin.flush()
+      seconds = float(_reply(worker))
       if i >= 3:
-        own.append(time.perf_counter() - t0)
+        own.append(seconds)
   return [float(np.median(own)) for own in times]
+
+
+def _inputs() -> tuple[np.ndarray, np.ndarray]:
+  """The same images and labels in both workers."""
+  rng = np.random.default_rng(0)
+  b, s = _BATCH.value, _SIZE.value
+  images = rng.standard_normal((b, s, s, 3), dtype=np.float32)
+  labels = rng.integers(0, _CLASSES.value, (b, s, s)).astype(np.int32)
+  return images, labels
 
 
 def seg_jax_step(images: np.ndarray, labels: np.ndarray):
@@ -67,6 +112,7 @@ def seg_jax_step(images: np.ndarray, labels: np.ndarray):
   config.optimizer.name, config.optimizer.schedule = "adam", "constant"
   config.optimizer.learning_rate = 1e-3
   config.batch_size = _BATCH.value
+  config.conv_backend = _CONV_BACKEND.value
   config_lib.validate(config)
   mesh = parallel.make_mesh()
   model = registry.build_model(config)
@@ -145,14 +191,20 @@ def torch_step(images: np.ndarray, labels: np.ndarray):
 
 
 def main(_):
-  import torch
-  rng = np.random.default_rng(0)
+  if _WORKER.value == "seg_jax":
+    run, compile_s, params = seg_jax_step(*_inputs())
+    return _serve(run, {"compile_s": compile_s, "params": params, "jax": jax.__version__})
+  if _WORKER.value == "torch":
+    import torch
+    run, params = torch_step(*_inputs())
+    return _serve(run, {"params": params, "torch": torch.__version__})
+  (jax_worker, jax_info), (torch_worker, torch_info) = map(_start_worker, ("seg_jax", "torch"))
+  jax_s, torch_s = interleaved_median_seconds([jax_worker, torch_worker], _STEPS.value)
+  for worker in (jax_worker, torch_worker):
+    worker.stdin.close()
+    worker.wait()
   b, s = _BATCH.value, _SIZE.value
-  images = rng.standard_normal((b, s, s, 3), dtype=np.float32)
-  labels = rng.integers(0, _CLASSES.value, (b, s, s)).astype(np.int32)
-  jax_run, compile_s, jax_params = seg_jax_step(images, labels)
-  torch_run, torch_params = torch_step(images, labels)
-  jax_s, torch_s = interleaved_median_seconds([jax_run, torch_run], _STEPS.value)
+  compile_s = jax_info["compile_s"]
   gflop = 3 * flop_count.unet_forward_flops(b, s, 3, _WIDTH.value, _DEPTH.value,
                                             _CLASSES.value) / 1e9
   print(json.dumps({
@@ -164,8 +216,8 @@ def main(_):
       "ratio": round(torch_s / jax_s, 3), "analytic_gflop_per_step": round(gflop, 2),
       "seg_jax_achieved_gflops": round(gflop / jax_s, 1),
       "torch_achieved_gflops": round(gflop / torch_s, 1),
-      "params": {"seg_jax": jax_params, "torch": torch_params},
-      "jax": jax.__version__, "torch": torch.__version__,
+      "params": {"seg_jax": jax_info["params"], "torch": torch_info["params"]},
+      "conv_backend": _CONV_BACKEND.value, "jax": jax_info["jax"], "torch": torch_info["torch"],
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_count": os.cpu_count(),
       "python": platform.python_version()}))
 

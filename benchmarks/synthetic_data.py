@@ -1,0 +1,31 @@
+"""Synthetic batches of the data contract for the benchmarks."""
+
+import numpy as np
+
+from seg_jax import config as config_lib
+
+
+def batch(config) -> dict:
+  """One host batch of the data contract: random pixels and labels for semantic models; for
+  detectors, scenes of the shapes generator with their padded instances (a detector's cost
+  depends on how many objects it matches)."""
+  size, b = config.dataset.image_size, config.batch_size
+  rng = np.random.default_rng(0)
+  if config_lib.task(config) == "semantic":
+    return {"image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
+            "mask": rng.integers(0, config.dataset.num_classes, (b, size, size)).astype(np.int32)}
+  from seg_jax.data.builders import shapes
+  m = config.dataset.max_instances
+  out = {"image": np.zeros((b, size, size, 3), np.float32),
+         "mask": np.zeros((b, size, size), np.int32),
+         "boxes": np.zeros((b, m, 4), np.float32), "classes": np.zeros((b, m), np.int32),
+         "instance_masks": np.zeros((b, m, size, size), np.uint8)}
+  for i in range(b):
+    scene = shapes.generate_scene(rng, size)
+    n = min(len(scene["labels"]), m)
+    out["image"][i] = scene["image"] / 127.5 - 1.0
+    out["mask"][i] = scene["mask"]
+    out["boxes"][i, :n] = scene["boxes"][:n]
+    out["classes"][i, :n] = scene["labels"][:n]
+    out["instance_masks"][i, :n] = scene["instance_masks"][:n]
+  return out
