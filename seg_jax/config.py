@@ -50,8 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Precision of float32 matmuls and convolutions: "default" lets accelerators use TF32 or
   # bf16 passes (NVIDIA Ampere+: TF32); "highest" is full float32. CPUs compute float32 anyway.
   c.matmul_precision = "default"
-  # Who computes the convolutions: "xla"; "onednn" (float32, on a single CPU device, 2-8x
-  # faster than XLA:CPU's kernels; seg_jax/ops/conv.py); "auto": onednn where it can run.
+  # Who computes the convolutions: "xla"; "onednn" (float32, on a single CPU device; 1.2-2.5x
+  # faster per layer than XLA:CPU's kernels; seg_jax/ops/conv.py); "auto": onednn where it can run.
   c.conv_backend = "auto"
   # A NaN/Inf loss, gradient norm or parameter norm: "stop" ends training naming the
   # step and quantity (nothing is saved); "skip" drops that step's update and counts it.

@@ -19,11 +19,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 # (batch, height, width, in, out, kernel, strides, padding, dilation): odd batches split into
-# uneven chunks over the thread pool; strided, dilated, asymmetric and 1x1 cases.
+# uneven chunks over the thread pool; strided, asymmetric and 1x1 cases; a dilated one, which
+# stays with XLA.
 GEOMETRIES = [
     (8, 16, 17, 3, 8, 3, (1, 1), "SAME", (1, 1)),
     (5, 17, 18, 4, 6, 7, (2, 2), ((3, 3), (3, 3)), (1, 1)),     # a ResNet stem
-    (3, 12, 13, 8, 8, 3, (1, 1), ((2, 2), (2, 2)), (2, 2)),     # atrous
+    (3, 12, 13, 8, 8, 3, (1, 1), ((2, 2), (2, 2)), (2, 2)),     # atrous: XLA's
     (2, 9, 10, 5, 7, 1, (1, 1), "VALID", (1, 1)),
     (1, 10, 11, 4, 4, 3, (2, 1), ((0, 1), (1, 0)), (1, 1)),
 ]
@@ -105,6 +106,7 @@ def test_only_supported_convolutions_leave_xla():
                                                w.astype(jnp.bfloat16))
   assert "seg_jax_onednn" not in _lowered_text("onednn", x, jnp.ones((3, 3, 2, 4)),
                                                feature_group_count=2)
+  assert "seg_jax_onednn" not in _lowered_text("onednn", x, w, rhs_dilation=(2, 2))
   # Outside any backend context a model traces XLA's convolution.
   text = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME",
                                                         dimension_numbers=NHWC)).lower(x, w).as_text()

@@ -7,10 +7,10 @@ innermost `backend(...)` context, which the train, eval and predict steps enter 
 
 - 'xla': `lax.conv_general_dilated`, on every platform and mesh.
 - 'onednn': float32 NHWC/HWIO 2-D convolutions, forward and both gradients, through oneDNN
-  (`seg_jax/ops/onednn.py`). XLA:CPU's kernels are 2-8x slower on this project's shapes,
+  (`seg_jax/ops/onednn.py`). XLA:CPU's kernels are 1.2-2.5x slower on this project's shapes,
   worst for the weight gradient. Only on a single CPU device: XLA's partitioner cannot split
   a custom call over a mesh, so on several devices it would gather every activation first.
-  Other convolutions (bf16, grouped, input-dilated) still go to XLA.
+  Other convolutions (bf16, grouped, dilated) still go to XLA.
 - 'auto': 'onednn' where it can run, else 'xla'.
 """
 
@@ -124,6 +124,10 @@ def _onednn_geometry(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilati
       != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
     return None
   dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
+  if dilation != (1, 1):
+    # oneDNN 3.2 computes dilated weight gradients by im2col + GEMM: with them DeepLabv3+'s
+    # ASPP made its train step 0.94x as fast as with XLA's convolutions.
+    return None
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     dilated_kernel = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)]
