@@ -163,3 +163,19 @@ def test_several_devices_keep_xla_convolutions():
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "REFUSED conv_backend=onednn cannot be used: 2 devices" in result.stdout
+
+
+def test_a_failed_build_is_reported_once_and_not_retried(monkeypatch):
+  from seg_jax.ops import onednn
+  calls = []
+
+  def failing_build():
+    calls.append(1)
+    raise onednn.OneDNNUnavailable("building onednn_conv.cc failed: no space left")
+
+  monkeypatch.setattr(onednn, "_failure", [])
+  monkeypatch.setattr(onednn, "_register", failing_build)
+  for _ in range(3):
+    assert "no space left" in conv.onednn_unavailable_reason()
+  assert conv.resolve("auto") == "xla"
+  assert len(calls) == 1

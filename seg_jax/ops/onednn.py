@@ -107,14 +107,21 @@ def _register() -> str:
   return str(path)
 
 
+_failure: list[str] = []  # why the first attempt failed; a failed build is not retried
+
+
 def ensure_registered() -> str:
   """The loaded library's path; raises OneDNNUnavailable (saying why) if it cannot be used."""
+  if _failure:
+    raise OneDNNUnavailable(_failure[0])
   try:
     return _register()
-  except OneDNNUnavailable:
+  except OneDNNUnavailable as e:
+    _failure.append(str(e))
     raise
   except OSError as e:  # the library or libdnnl cannot be loaded
-    raise OneDNNUnavailable(f"loading the oneDNN convolution library failed: {e}") from e
+    _failure.append(f"loading the oneDNN convolution library failed: {e}")
+    raise OneDNNUnavailable(_failure[0]) from e
 
 
 def version() -> str:
