@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from seg_jax.losses import LOSS_TERMS
+from seg_jax.ops.conv import BACKENDS as CONV_BACKENDS
 
 NORMS = ("batch", "group", "none")
 UPSAMPLINGS = ("transpose", "resize")
@@ -22,7 +23,6 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine", "polynomial")
 DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("default", "high", "highest")  # jax_default_matmul_precision
-CONV_BACKENDS = ("auto", "xla", "onednn")            # seg_jax.ops.conv.BACKENDS
 TTA_MODES = ("none", "hflip", "hvflip")
 ON_NONFINITE = ("stop", "skip")
 

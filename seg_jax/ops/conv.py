@@ -48,7 +48,7 @@ def onednn_unavailable_reason() -> str | None:
 
 
 @functools.cache
-def _warn_fallback(reason: str) -> None:
+def _log_fallback(reason: str) -> None:  # once per reason, not at every trace
   logging.info("conv_backend=auto: XLA convolutions (%s)", reason)
 
 
@@ -63,7 +63,7 @@ def resolve(name: str) -> str:
     return "onednn"
   if name == "onednn":
     raise onednn.OneDNNUnavailable(f"conv_backend=onednn cannot be used: {reason}")
-  _warn_fallback(reason)
+  _log_fallback(reason)
   return "xla"
 
 
