@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seg_jax.models import batch_norm
 from seg_jax.ops import conv as conv_ops
 
 # Every convolution of every model: flax's Conv (same parameters and names), computed by
@@ -16,20 +17,35 @@ from seg_jax.ops import conv as conv_ops
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_ops.conv_general_dilated)
 
 
-def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float32) -> nn.Module | None:
-  """A normalisation layer by name: 'batch', 'group' or 'none' (None).
+def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float32,
+              relu: bool = False) -> nn.Module | None:
+  """A normalisation layer by name: 'batch', 'group' or 'none' (None). `relu` is for
+  `norm_relu`: only batch norm takes it.
 
   Batch norm needs no `axis_name`: under `jax.jit` with the batch sharded over
   the mesh, the batch mean is a reduction over the *global* batch, so the
-  statistics are already averaged across every device and host.
+  statistics are already averaged across every device and host. It is flax's batch norm with a
+  hand-written gradient (batch_norm.py); `relu=True` fuses the ReLU after it into it.
   """
   if kind == "batch":
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    return batch_norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                dtype=dtype, relu=relu)
+  if relu:
+    raise ValueError(f"only batch norm fuses the ReLU; use norm_relu for {kind!r}")
   if kind == "group":
     return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype)
   if kind == "none":
     return None
   raise ValueError(f"unknown norm {kind!r}; allowed: batch, group, none")
+
+
+def norm_relu(x: jax.Array, kind: str, *, train: bool, groups: int = 8,
+              dtype: Any = jnp.float32) -> jax.Array:
+  """relu(norm(x)) for the norm named `kind` (make_norm); batch norm computes both in one op."""
+  if kind == "batch":
+    return make_norm(kind, train=train, dtype=dtype, relu=True)(x)
+  norm = make_norm(kind, train=train, groups=groups, dtype=dtype)
+  return nn.relu(x if norm is None else norm(x))
 
 
 class ConvNormAct(nn.Module):
@@ -43,12 +59,9 @@ class ConvNormAct(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    norm = make_norm(self.norm, train=train, groups=self.norm_groups, dtype=self.dtype)
     x = Conv(self.features, (self.kernel_size,) * 2, kernel_dilation=self.dilation,
-             use_bias=norm is None, dtype=self.dtype)(x)
-    if norm is not None:
-      x = norm(x)
-    return nn.relu(x)
+             use_bias=self.norm == "none", dtype=self.dtype)(x)
+    return norm_relu(x, self.norm, train=train, groups=self.norm_groups, dtype=self.dtype)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

@@ -128,9 +128,11 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = lambda y: _norm(y, self.norm, self.norm_groups, self.dtype, train=train)
+    norm_relu = lambda y: layers.norm_relu(y, self.norm, train=train, groups=self.norm_groups,
+                                           dtype=self.dtype)
     bias = self.norm == "none"
     y = _conv(self.features, 3, self.stride, self.dilation, dtype=self.dtype, use_bias=bias)(x)
-    y = nn.relu(norm(y))
+    y = norm_relu(y)
     y = _conv(self.features, 3, 1, self.dilation, dtype=self.dtype, use_bias=bias)(y)
     return _add_shortcut(x, norm(y), self.features, self.stride, norm, self.dtype, bias)
 
@@ -147,11 +149,13 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = lambda y: _norm(y, self.norm, self.norm_groups, self.dtype, train=train)
+    norm_relu = lambda y: layers.norm_relu(y, self.norm, train=train, groups=self.norm_groups,
+                                           dtype=self.dtype)
     bias = self.norm == "none"
     out = self.features * BOTTLENECK_EXPANSION
-    y = nn.relu(norm(_conv(self.features, 1, dtype=self.dtype, use_bias=bias)(x)))
+    y = norm_relu(_conv(self.features, 1, dtype=self.dtype, use_bias=bias)(x))
     y = _conv(self.features, 3, self.stride, self.dilation, dtype=self.dtype, use_bias=bias)(y)
-    y = nn.relu(norm(y))
+    y = norm_relu(y)
     y = norm(_conv(out, 1, dtype=self.dtype, use_bias=bias)(y))
     return _add_shortcut(x, y, out, self.stride, norm, self.dtype, bias)
 
@@ -177,22 +181,23 @@ class ResNet(nn.Module):
     block_kind, blocks = RESNETS[self.arch]
     block_cls = BasicBlock if block_kind == "basic" else Bottleneck
     strides, dilations = stage_strides_and_dilations(self.output_stride, self.stem)
-    norm = lambda y: _norm(y, self.norm, self.norm_groups, self.dtype, train=train)
+    norm_relu = lambda y: layers.norm_relu(y, self.norm, train=train, groups=self.norm_groups,
+                                           dtype=self.dtype)
     bias = self.norm == "none"
     x = x.astype(self.dtype)
     features = {}
     if self.stem == "imagenet":
       x = _conv(self.width, 7, 2, dtype=self.dtype, use_bias=bias, name="stem_conv")(x)
-      x = nn.relu(norm(x))
+      x = norm_relu(x)
       features["c1"] = x
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem in ("small", "small_stride2"):
       x = _conv(self.width // 2, 3, dtype=self.dtype, use_bias=bias, name="stem_conv1")(x)
-      x = nn.relu(norm(x))
+      x = norm_relu(x)
       if self.stem == "small":
         x = layers.max_pool_2x2(x)
       x = _conv(self.width, 3, dtype=self.dtype, use_bias=bias, name="stem_conv2")(x)
-      x = nn.relu(norm(x))
+      x = norm_relu(x)
       features["c1"] = x
       x = layers.max_pool_2x2(x)
     else:
