@@ -35,10 +35,10 @@ import jax
 import numpy as np
 
 from benchmarks import flops as flop_count
+from benchmarks import harness
 from seg_jax import config as config_lib
 from seg_jax import parallel
 from seg_jax import train
-from seg_jax.models import registry
 
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per step.")
 _SIZE = flags.DEFINE_integer("image_size", 128, "Square image side.")
@@ -113,10 +113,7 @@ def seg_jax_step(images: np.ndarray, labels: np.ndarray):
   config.optimizer.learning_rate = 1e-3
   config.batch_size = _BATCH.value
   config.conv_backend = _CONV_BACKEND.value
-  config_lib.validate(config)
-  mesh = parallel.make_mesh()
-  model = registry.build_model(config)
-  tx, schedule = train.make_optimizer(config)
+  mesh, model, tx, schedule = harness.build(config)
   state = train.create_train_state(config, model, tx, mesh)
   batch = parallel.host_batch_to_global({"image": images, "mask": labels}, mesh)
   step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,

@@ -27,11 +27,10 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
+from benchmarks import harness
 from benchmarks import synthetic_data
-from seg_jax import config as config_lib
 from seg_jax import parallel
 from seg_jax import train
-from seg_jax.models import registry
 from seg_jax.ops import onednn
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/unet.py", "Experiment config.")
@@ -40,10 +39,7 @@ _STEPS = flags.DEFINE_integer("steps", 15, "Timed steps of each backend after 3 
 
 def main(_):
   config = _CONFIG.value
-  config_lib.validate(config)
-  mesh = parallel.make_mesh()
-  model = registry.build_model(config)
-  tx, schedule = train.make_optimizer(config)
+  mesh, model, tx, schedule = harness.build(config)
   batch = parallel.host_batch_to_global(synthetic_data.batch(config), mesh)
   runs, losses = {}, {}
   for backend in ("xla", "onednn"):

@@ -35,11 +35,11 @@ import numpy as np
 from ml_collections import config_flags
 
 from benchmarks import flops as flop_count
+from benchmarks import harness
 from benchmarks import synthetic_data
 from seg_jax import config as config_lib
 from seg_jax import parallel
 from seg_jax import train
-from seg_jax.models import registry
 from seg_jax.ops import conv as conv_ops
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/unet.py", "Experiment config.")
@@ -49,10 +49,7 @@ _STEP = flags.DEFINE_enum("step", "train", ["train", "eval"], "Which jitted step
 
 def main(_):
   config = _CONFIG.value
-  config_lib.validate(config)
-  mesh = parallel.make_mesh()
-  model = registry.build_model(config)
-  tx, schedule = train.make_optimizer(config)
+  mesh, model, tx, schedule = harness.build(config)
   state = train.create_train_state(config, model, tx, mesh)
   size, b = config.dataset.image_size, config.batch_size
   host_batch = synthetic_data.batch(config)
