@@ -57,7 +57,12 @@ def test_freed_host_memory_is_reused_across_steps(tmp_path):
   assert pages > 32 * 2**20 // 4096, system  # above the ceiling of glibc's mmap threshold
   # glibc's default: the temporaries are mmap'd afresh and every page faults in on every step.
   assert min(system["faults"][4:]) > 0.5 * pages, system
-  # Kept: once the heap has grown to the step's peak, later steps fault (almost) nothing.
-  assert sum(kept["faults"][4:]) < 0.05 * sum(system["faults"][4:]), kept
+  # Kept: once the heap has grown to the step's peak, later steps fault (almost) nothing. XLA's
+  # threads may order the step's allocations differently from one step to the next, so the heap
+  # may grow to a new peak once more (one step of steps 4-11 faulted in a full suite run on a
+  # 2-core EPYC); the other steps fault almost nothing, where the system's every step faults.
+  later = sorted(kept["faults"][4:])
+  assert later[-1] < 1.5 * pages, kept
+  assert sum(later[:-1]) < 0.05 * sum(system["faults"][4:]), kept
   # Where the buffers live changes nothing that is computed.
   np.testing.assert_array_equal(kept_grads, system_grads)
