@@ -1,8 +1,12 @@
 """seg_jax entry point.
 
-  python main.py --config=configs/unet.py --workdir=runs/unet [--config.key=value ...] [--mode=train|eval]
-  python main.py --config=configs/unet.py --workdir=runs/unet --mode=predict \
+  python main.py --config=configs/unet.py --workdir=runs/unet [--config.key=value ...]
+  python main.py --workdir=runs/unet --mode=eval
+  python main.py --workdir=runs/unet --mode=predict \
       --config.predict.input='images/*.png' [--config.predict.output=OUT]
+
+Eval and predict take the config the workdir was trained with (WORKDIR/config.json)
+when --config is left out; their --config.predict.* (and other) overrides still apply.
 
 Multi-host: the same command on every host, plus --distributed (or
 --coordinator_address/--num_processes/--process_id); see README "Running long jobs".
@@ -12,7 +16,6 @@ one-line message on stderr and a non-zero exit code, not a traceback.
 """
 
 import os
-import re
 import sys
 
 # Keep TensorFlow (used only for input pipelines) off the accelerators and quiet.
@@ -30,10 +33,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from seg_jax import cli
 from seg_jax import config as config_lib
+from seg_jax import workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/unet.py.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/unet.py; for --mode=eval/predict the "
+    "workdir's own config if left out.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
                           "train (resumes automatically), eval, or predict (config.predict.*).")
@@ -46,12 +52,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 (implies --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
+_fail = cli.fail
 
 
 class _LibraryChatterFilter:
@@ -69,6 +73,8 @@ def main(argv):
   try:
     config = _CONFIG.value
     config_lib.validate(config)
+    if _MODE.value != "train" and _CONFIG_GIVEN and workdir_lib.has_config(_WORKDIR.value):
+      workdir_lib.check_same_model(config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
   except OSError as e:  # ml_collections: the config file could not be loaded
@@ -101,29 +107,42 @@ def main(argv):
       predict.run(config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
-  except (pipeline.DataError, train.NonFiniteError, train.WorkdirError, FileNotFoundError,
+  except (pipeline.DataError, train.NonFiniteError, workdir_lib.WorkdirError, FileNotFoundError,
           init_from.InitFromError) as e:
     _fail(str(e), code=1)
 
 
-def _parse_flags(argv):
-  """absl's parser, with config override errors turned into one line.
+_CONFIG_GIVEN = True
 
-  ml_collections raises a bare AttributeError/KeyError (with a traceback) for
-  `--config.no.such.key=1`; say which flag and why instead.
-  """
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-  except (AttributeError, KeyError) as e:
-    override = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                     and a.split("=")[0].rsplit(".", 1)[-1] in str(e)), "--config.?")
-    hint = re.search(r'Did you mean "(\w+)"', str(e).replace("\\", ""))
-    _fail(f"{override}: unknown config key" +
-          (f" (did you mean {hint.group(1)}?)" if hint else ""))
-  except (TypeError, ValueError) as e:
-    _fail(f"bad config override: {e}")
+
+def _flag_value(argv, name: str) -> str | None:
+  """The value of --name=VALUE or --name VALUE in argv (before absl parses it), else None."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _with_workdir_config(argv):
+  """argv with --config=seg_jax/workdir.py:WORKDIR added for eval/predict without --config."""
+  global _CONFIG_GIVEN
+  if _flag_value(argv, "config") is not None or any(a in ("--help", "-h", "--helpfull")
+                                                     for a in argv):
+    return argv
+  _CONFIG_GIVEN = False
+  mode, workdir = _flag_value(argv, "mode") or "train", _flag_value(argv, "workdir")
+  if mode == "train" or not workdir:
+    _fail("--config is required for training (and for --mode=eval/predict without --workdir)")
+  if not workdir_lib.has_config(workdir):
+    _fail(f"{workdir} has no {workdir_lib.CONFIG_FILE}: give the training --config")
+  return [argv[0], f"--config={os.path.abspath(workdir_lib.__file__)}:{workdir}", *argv[1:]]
+
+
+def _parse_flags(argv):
+  return cli.parse_flags(_with_workdir_config(argv))
+
 
 if __name__ == "__main__":
   app.run(main, flags_parser=_parse_flags)

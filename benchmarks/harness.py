@@ -5,7 +5,7 @@ from typing import Any, NamedTuple
 from seg_jax import config as config_lib
 from seg_jax import parallel
 from seg_jax import train
-from seg_jax.models import registry
+from seg_jax import models
 
 
 class StepParts(NamedTuple):
@@ -19,4 +19,4 @@ def build(config) -> StepParts:
   """Validates `config`, then builds the mesh over every device, the model and the optimizer."""
   config_lib.validate(config)
   tx, schedule = train.make_optimizer(config)
-  return StepParts(parallel.make_mesh(), registry.build_model(config), tx, schedule)
+  return StepParts(parallel.make_mesh(), models.build_model(config), tx, schedule)

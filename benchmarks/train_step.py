@@ -90,7 +90,7 @@ def main(_):
   if config.model.name == "unet" and not config.model.backbone:
     passes = 3 if _STEP.value == "train" else 1  # forward + both gradients; forward only
     analytic = passes * flop_count.unet_forward_flops(
-        b, size, 3, config.model.width, config.model.depth, config_lib.num_logits(config)) / 1e9
+        b, size, 3, config.model.width, config.model.depth, models.num_logits(config)) / 1e9
   print(json.dumps({
       "benchmark": f"{_STEP.value}_step", "model": config.model.name, "batch_size": b, "image_size": size,
       "width": config.model.width, "depth": config.model.depth, "dtype": config.dtype,

@@ -17,29 +17,31 @@ What we tried on the way (validation mean Dice after 4000 steps):
 
 `:large` is the paper's model (ResNet-50, output stride 16, rates (6, 12,
 18), 256 channels, ImageNet stem, stride-4 decoder) for 512 px images, e.g.
-with `--config.dataset.name=folder`:
+with `:large,dataset=folder`:
 
-  python main.py --config=configs/deeplabv3plus.py:large --workdir=runs/deeplab_r50 \\
-      --config.dataset.name=folder --config.dataset.root=DIR --config.dataset.num_classes=K
+  python main.py --config=configs/deeplabv3plus.py:large,dataset=folder --workdir=runs/deeplab_r50 \\
+      --config.dataset.root=DIR --config.dataset.num_classes=K
 """
 
 import ml_collections
 
 from configs import unet
+from seg_jax import config as config_lib
 
 
-def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  config = unet.get_config()   # the same data, augmentation, loss and batch as the U-Net
-
-  config.model.name = "deeplabv3plus"
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """`arg`: comma-separated `large` (the preset below), `dataset=NAME`."""
+  options = config_lib.config_options(arg, presets=("large",))
+  # The same data, augmentation, loss and batch as the U-Net.
+  config = config_lib.with_model(unet.get_config(), "deeplabv3plus")
   config.model.backbone = "resnet10"
-  config.model.backbone_stem = "small_stride2"
+  config.model.stem = "small_stride2"
   config.model.width = 32               # ResNet stage-1 channels (64 in the standard ResNets)
   config.model.output_stride = 8
   config.model.aspp_rates = (2, 4, 6)
   config.model.aspp_features = 64
-  config.model.decoder_low_level = "c2"  # stage 1's map, as in the paper
-  config.model.decoder_low_level_features = 48
+  config.model.low_level = "c2"  # stage 1's map, as in the paper
+  config.model.low_level_features = 48
   config.model.decoder_features = 64
   config.model.dropout = 0.1
 
@@ -53,10 +55,10 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.eval_every_steps = 800
   config.checkpoint_every_steps = 800
 
-  if preset == "large":
+  if options["preset"] == "large":
     config.dataset.image_size = 512
     config.model.backbone = "resnet50"
-    config.model.backbone_stem = "imagenet"
+    config.model.stem = "imagenet"
     config.model.width = 64
     config.model.output_stride = 16
     config.model.aspp_rates = (6, 12, 18)
@@ -72,7 +74,4 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.num_train_steps = 30000
     config.eval_every_steps = 2000
     config.checkpoint_every_steps = 2000
-  elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/deeplabv3plus.py; "
-                     "allowed: '', 'large'")
-  return config
+  return config_lib.apply_options(config, options)

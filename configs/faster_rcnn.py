@@ -6,9 +6,9 @@
 import ml_collections
 
 from configs import mask_rcnn
+from seg_jax import config as config_lib
 
 
-def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  config = mask_rcnn.get_config(preset)
-  config.model.name = "faster_rcnn"
-  return config
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """`arg`: as configs/mask_rcnn.py's."""
+  return config_lib.with_model(mask_rcnn.get_config(arg), "faster_rcnn", keep_shared=True)

@@ -15,10 +15,11 @@ import ml_collections
 from seg_jax import config as config_lib
 
 
-def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  config = config_lib.base_config()
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """`arg`: `dataset=NAME` (a dataset with instance annotations)."""
+  options = config_lib.config_options(arg)
+  config = config_lib.base_config(model="mask_rcnn", dataset="shapes")
 
-  config.dataset.name = "shapes"
   config.dataset.image_size = 64      # square scenes, pixels; the same data as configs/unet.py
   config.dataset.num_train = 2000
   config.dataset.num_validation = 200
@@ -27,13 +28,12 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.dataset.augment.min_scale = 0.85
   config.dataset.augment.max_scale = 1.15
 
-  config.model.name = "mask_rcnn"
   config.model.backbone = "resnet18"
   config.model.width = 16             # ResNet stage-1 width (64 in the standard networks)
-  config.model.backbone_stem = "small"  # 3x3 convs and 2x2 pools to stride 4 (keeps small objects)
+  config.model.stem = "small"  # 3x3 convs and 2x2 pools to stride 4 (keeps small objects)
   config.model.norm = "batch"
 
-  d = config.detection
+  d = config.model
   d.fpn_features = 64
   d.anchor_sizes = (8, 16, 32, 64, 128)   # objects here are at most 32 px across
   d.rpn_pre_nms_topk = 256
@@ -60,6 +60,4 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.num_eval_visuals = 4
 
-  if preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/mask_rcnn.py; allowed: ''")
-  return config
+  return config_lib.apply_options(config, options)

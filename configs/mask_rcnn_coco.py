@@ -18,10 +18,11 @@ from seg_jax import config as config_lib
 from seg_jax.data import coco
 
 
-def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  config = config_lib.base_config()
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """`arg`: `dataset=NAME` (a dataset with instance annotations)."""
+  options = config_lib.config_options(arg)
+  config = config_lib.base_config(model="mask_rcnn", dataset="coco")
 
-  config.dataset.name = "coco"
   config.dataset.num_classes = coco.NUM_CLASSES  # background + the 80 thing classes
   config.dataset.eval_split = "validation"
   config.dataset.resize = 640         # shorter side, train and eval
@@ -34,10 +35,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.dataset.augment.min_scale = 0.8
   config.dataset.augment.max_scale = 1.25
 
-  config.model.name = "mask_rcnn"
   config.model.backbone = "resnet50"
   config.model.width = 64
-  config.model.backbone_stem = "imagenet"
+  config.model.stem = "imagenet"
   config.model.norm = "group"
   config.model.norm_groups = 32
   # config.detection keeps the paper's values (seg_jax/config.py): 256-channel FPN, anchors
@@ -58,6 +58,4 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.num_eval_visuals = 4
   config.dtype = "float32"           # bfloat16 is untested for the detectors
 
-  if preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/mask_rcnn_coco.py; allowed: ''")
-  return config
+  return config_lib.apply_options(config, options)

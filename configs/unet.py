@@ -1,7 +1,8 @@
 """U-Net on the embedded procedural shapes dataset: the default main job.
 
 Sized to train to validation mean Dice >= 0.90 in under 10 minutes on a 2-core
-CPU. Larger presets: `--config=configs/unet.py:large`.
+CPU. Larger presets: `--config=configs/unet.py:large`; another dataset:
+`--config=configs/unet.py:dataset=folder --config.dataset.root=DIR`.
 
   python main.py --config=configs/unet.py --workdir=runs/unet
 """
@@ -11,16 +12,16 @@ import ml_collections
 from seg_jax import config as config_lib
 
 
-def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  config = config_lib.base_config()
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """`arg`: comma-separated `large` (the preset below), `dataset=NAME`, `model=NAME`."""
+  options = config_lib.config_options(arg, presets=("large",))
+  config = config_lib.base_config(model="unet", dataset="shapes")
 
-  config.dataset.name = "shapes"
   config.dataset.image_size = 64      # square images, pixels
   config.dataset.num_train = 2000     # procedurally generated, cached by TFDS
   config.dataset.num_validation = 200
   config.dataset.num_test = 200
 
-  config.model.name = "unet"
   config.model.width = 16             # channels of the first level; doubles per level
   config.model.depth = 4              # number of 2x downsamplings (64 px -> 4 px)
   config.model.norm = "batch"         # batch | group | none
@@ -45,7 +46,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   config.eval_every_steps = 800
   config.checkpoint_every_steps = 800
 
-  if preset == "large":
+  if options["preset"] == "large":
     config.dataset.image_size = 128
     config.model.width = 32
     config.model.depth = 4
@@ -53,6 +54,4 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.num_train_steps = 20000
     config.eval_every_steps = 2000
     config.checkpoint_every_steps = 2000
-  elif preset:
-    raise ValueError(f"unknown preset {preset!r} for configs/unet.py; allowed: '', 'large'")
-  return config
+  return config_lib.apply_options(config, options)

@@ -14,41 +14,21 @@ object categories), not these 150-class masks. The shorter side is resized to
 
 import ml_collections
 
+from configs import unet_cityscapes
 from seg_jax import config as config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.base_config()
-
-  config.dataset.name = "ade20k"
+  # The Cityscapes U-Net and its schedule (resize 512, 384 px crops, scale 0.5-2, no vertical
+  # flips, AdamW with the poly schedule), on ADE20K's scenes.
+  config = config_lib.with_dataset(unet_cityscapes.get_config(), "ade20k")
   config.dataset.root = ""                   # required: .../ADEChallengeData2016
-  config.dataset.num_classes = 150
-  config.dataset.eval_split = "validation"   # 2000 images
-  config.dataset.resize = 512
-  config.dataset.image_size = 384
-  config.dataset.eval_size = (768, 768)
-  config.dataset.cache = False
+  config.dataset.eval_size = (768, 768)      # eval canvas; larger images are downscaled to fit
   config.dataset.shuffle_buffer = 1000
-  config.dataset.augment.vflip = False
-  config.dataset.augment.min_scale = 0.5
-  config.dataset.augment.max_scale = 2.0
-
-  config.model.name = "unet"
-  config.model.width = 32
-  config.model.depth = 5
-  config.model.upsample = "resize"
-
-  config.loss.name = "ce"
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.schedule = "polynomial"
-  config.optimizer.warmup_steps = 1000
+  config.dataset.augment.hue = 0.03          # the default jitter (the Cityscapes config has none)
 
   config.batch_size = 16
   config.num_train_steps = 80000
-  config.log_every_steps = 100
   config.eval_every_steps = 8000
   config.checkpoint_every_steps = 8000
-  config.num_eval_visuals = 4
   return config

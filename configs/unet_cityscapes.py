@@ -19,9 +19,8 @@ from seg_jax import config as config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.base_config()
+  config = config_lib.base_config(model="unet", dataset="cityscapes")
 
-  config.dataset.name = "cityscapes"
   config.dataset.num_classes = 19
   config.dataset.eval_split = "validation"   # 500 images; test has no labels
   config.dataset.resize = 512                # shorter side: 1024 x 2048 -> 512 x 1024
@@ -33,7 +32,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.augment.max_scale = 2.0
   config.dataset.augment.hue = 0.0
 
-  config.model.name = "unet"
   config.model.width = 32
   config.model.depth = 5
   config.model.upsample = "resize"

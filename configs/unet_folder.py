@@ -17,9 +17,8 @@ from seg_jax import config as config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.base_config()
+  config = config_lib.base_config(model="unet", dataset="folder")
 
-  config.dataset.name = "folder"
   config.dataset.root = ""                 # required: the folder with images/ and masks/
   config.dataset.num_classes = 2           # including background; must cover every mask value
   config.dataset.channels = 0              # 0 = as in the files; 3 promotes grey to RGB
@@ -30,7 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.augment.min_scale = 0.75
   config.dataset.augment.max_scale = 1.25
 
-  config.model.name = "unet"
   config.model.width = 16
   config.model.depth = 4
   config.model.upsample = "transpose"

@@ -16,9 +16,8 @@ from seg_jax import config as config_lib
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = config_lib.base_config()
+  config = config_lib.base_config(model="unet", dataset="oxford_iiit_pet")
 
-  config.dataset.name = "oxford_iiit_pet"
   config.dataset.num_classes = 3           # background, pet, border (2 = border ignored)
   config.dataset.eval_split = "test"       # the dataset has train (3680) and test (3669)
   config.dataset.resize = 160              # shorter side, train and eval
@@ -30,7 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.augment.min_scale = 0.75
   config.dataset.augment.max_scale = 1.5
 
-  config.model.name = "unet"
   config.model.width = 32
   config.model.depth = 4
 

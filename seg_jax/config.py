@@ -1,7 +1,10 @@
-"""The config schema shared by every experiment, and its checks.
+"""The run-level config keys, the assembly of a component's keys into a config, and the checks.
 
-Every experiment config (`configs/*.py`) starts from `base_config()`, which
-names and documents every key. `validate(config)` runs before anything is
+Every experiment config (`configs/*.py`) starts from `base_config(model=...,
+dataset=...)`: the run keys documented here (seed, batch, steps, optimiser,
+loss, checkpointing, predict) and, under `config.model` and `config.dataset`,
+the keys of the chosen model family and dataset, which their own modules
+define (`seg_jax/registry.py`). `validate(config)` runs before anything is
 built: an unknown key (a typo in a config file or in `--config.x=y`) or a bad
 value raises `ConfigError` with a one-line message naming the key and why.
 """
@@ -11,32 +14,31 @@ from __future__ import annotations
 import difflib
 from typing import Any, Iterable
 
+from flax import traverse_util
 import ml_collections
 from ml_collections import config_dict
 
-from seg_jax.losses import LOSS_TERMS
-from seg_jax.ops.conv import BACKENDS as CONV_BACKENDS
+from seg_jax import data  # registers the built-in datasets
+from seg_jax import losses
+from seg_jax import models  # registers the built-in models
+from seg_jax import registry
+from seg_jax.ops import conv as conv_ops
 
-NORMS = ("batch", "group", "none")
-UPSAMPLINGS = ("transpose", "resize")
+ConfigError = registry.ConfigError
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "warmup_cosine", "polynomial")
 DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("default", "high", "highest")  # jax_default_matmul_precision
 TTA_MODES = ("none", "hflip", "hvflip")
 ON_NONFINITE = ("stop", "skip")
+DEFAULT_MODEL = "unet"
+DEFAULT_DATASET = "shapes"
 
 
-DETECTION_MODELS = ("mask_rcnn", "faster_rcnn")
-INSTANCE_DATASETS = ("shapes", "coco")   # datasets whose examples carry instance masks and boxes
-
-
-class ConfigError(ValueError):
-  """A config key is unknown or has a bad value; the message is one line."""
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """Every key any experiment may set, with its default."""
+def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
+                ) -> ml_collections.ConfigDict:
+  """Every key a run of `model` on `dataset` may set, with its default."""
   c = ml_collections.ConfigDict()
   c.seed = 0                        # one seed for init, data order, augmentation, dropout
   c.batch_size = 16                 # global batch over all devices and hosts
@@ -61,98 +63,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache ('' = off); speeds up a second start.
   c.compilation_cache_dir = "~/.cache/seg_jax/jax_cache"
 
-  c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "shapes"         # see seg_jax/data/pipeline.py for the registry
-  c.dataset.data_dir = ""           # TFDS data dir; '' = TFDS default (~/tensorflow_datasets)
-  c.dataset.seed = 0                # shapes: which scenes are generated (fixed across training seeds)
-  c.dataset.num_classes = 6         # including background (class 0)
-  c.dataset.ignore_label = 255      # never counts in loss or metrics
-  c.dataset.image_size = 64         # shapes: generated size; training crop size (all datasets)
-  c.dataset.num_train = 2000        # shapes: examples per split
-  c.dataset.num_validation = 200
-  c.dataset.num_test = 200
-  c.dataset.eval_split = "validation"
-  c.dataset.max_instances = 16      # instance tasks: objects per image (padded; more is an error)
-  # folder: DIR with images/ and masks/ (paired by file stem), optional splits/ and classes.txt.
-  # ade20k: the extracted ADEChallengeData2016/ folder.
-  c.dataset.root = ""
-  c.dataset.channels = 0            # folder: input channels; 0 = infer (all images must agree),
-                                    # 3 = grey promoted to RGB, 1 = RGB converted to grey
-  c.dataset.split_seed = 0          # folder without splits/: seed of the split by fraction
-  c.dataset.validation_fraction = 0.1  # folder without splits/: share of images per split
-  c.dataset.test_fraction = 0.0
-  c.dataset.resize = 0              # 0 = native size; else the shorter side is resized to this
-                                    # (train and eval) before cropping / padding
-  # Eval batches images of different sizes by padding each (ignore label) to one canvas per split:
-  # (0, 0) = the split's largest (resized) height and width rounded up to eval_pad_multiple;
-  # (H, W) = a fixed canvas; larger images are downscaled to fit it (aspect kept).
-  c.dataset.eval_size = (0, 0)
-  c.dataset.eval_pad_multiple = 32
-  c.dataset.download = False        # TFDS datasets (oxford_iiit_pet, cityscapes, coco): prepare if absent
-  c.dataset.manual_dir = ""         # cityscapes: folder with the manually downloaded zips
-  c.dataset.shuffle_buffer = 2000
-  c.dataset.cache = True            # cache decoded examples in memory
-  c.dataset.augment = ml_collections.ConfigDict()
-  c.dataset.augment.hflip = True
-  c.dataset.augment.vflip = True
-  c.dataset.augment.min_scale = 0.75   # random scale-and-crop: scale factor range
-  c.dataset.augment.max_scale = 1.25
-  c.dataset.augment.brightness = 0.15  # colour jitter magnitudes (0 = off); 3-channel images only
-  c.dataset.augment.contrast = 0.2
-  c.dataset.augment.saturation = 0.2
-  c.dataset.augment.hue = 0.03
+  # Instance tasks: detections of at least this score are drawn in the eval pictures.
+  c.visual_score_threshold = 0.5
+  # Write a profiler trace (TensorBoard's profile tab; WORKDIR/plugins/profile) of this many
+  # train steps, starting after the first compiled step; 0 = off.
+  c.profile_steps = 0
 
-  c.model = ml_collections.ConfigDict()
-  c.model.name = "unet"
-  c.model.width = 32                # channels at the first level, doubled per level
-  c.model.depth = 4                 # number of 2x downsamplings
-  c.model.norm = "batch"            # batch | group | none
-  c.model.norm_groups = 8           # groups for group norm
-  c.model.upsample = "transpose"    # transpose (learned 2x2/2) | resize (bilinear + 3x3 conv)
-  c.model.dropout = 0.0             # unet: bottleneck and decoder; deeplabv3plus: after ASPP
-  # ResNet backbone (seg_jax/models/resnet.py): resnet10 | resnet18 | resnet34 | resnet50 |
-  # resnet101. unet: '' = the classic conv encoder, else a ResNet encoder (model.width is then
-  # its stage-1 width, 64 in the standard networks); deeplabv3plus: required.
-  c.model.backbone = ""
-  # imagenet (7x7/2 conv + 3x3/2 max pool) | small (3x3 convs, stride 4) | small_stride2 (every
-  # map at twice the resolution: for images of ~64 px)
-  c.model.backbone_stem = "imagenet"
-  c.model.output_stride = 16        # deeplabv3plus: stride of the last map: 8 | 16 (atrous last
-                                    # stages) | 32; with small_stride2: 4 | 8 | 16
-  c.model.aspp_rates = (6, 12, 18)  # deeplabv3plus: atrous rates of the 3x3 ASPP branches
-  c.model.aspp_features = 256
-  c.model.aspp_image_pooling = True
-  c.model.decoder_low_level = "c2"  # deeplabv3plus: backbone map the decoder fuses: c2 (stride 4,
-                                    # as in the paper) | c1 (stride 2: finer masks on small images)
-  c.model.decoder_low_level_features = 48  # deeplabv3plus: its channels after the 1x1 conv
-  c.model.decoder_features = 256
-  # Initialise matching parameters (same path and shape) from a local checkpoint before step 0:
-  # a workdir, an Orbax checkpoint directory, or an .npz of arrays named by '/'-joined paths.
-  # Ignored when the workdir already has a checkpoint (resume wins). Never downloads.
-  c.model.init_from = ""
-
-  # Detection models (model.name = mask_rcnn | faster_rcnn): a ResNet (model.backbone,
-  # model.width, model.backbone_stem: imagenet | small, both of stride 4) with an FPN, and these
-  # budgets and thresholds (seg_jax/models/detection/mask_rcnn.py). Every budget is a static
-  # shape: each image is given exactly this many anchors, proposals, RoIs and detections.
-  c.detection = ml_collections.ConfigDict()
-  c.detection.fpn_features = 256
-  c.detection.anchor_sizes = (32, 64, 128, 256, 512)  # anchor side of P2..P6, pixels
-  c.detection.aspect_ratios = (0.5, 1.0, 2.0)  # anchor height / width
-  c.detection.rpn_pre_nms_topk = 2000   # proposals kept per level before NMS
-  c.detection.rpn_post_nms_topk = 1000  # proposals per image after NMS
-  c.detection.rpn_nms_threshold = 0.7
-  c.detection.rpn_num_samples = 256     # anchors per image in the RPN loss (half positive at most)
-  c.detection.roi_num_samples = 512     # RoIs per image in the second stage's losses
-  c.detection.roi_positive_fraction = 0.25
-  c.detection.canonical_size = 224.0    # RoI of this side pools from P4 (FPN paper, eq. 1)
-  c.detection.box_head_hidden = 1024    # the two FC layers of the box head
-  c.detection.mask_head_features = 256  # the four 3x3 convs of the mask head
-  c.detection.mask_size = 28            # mask head output, per RoI and class
-  c.detection.score_threshold = 0.05    # inference: lowest class probability kept
-  c.detection.nms_threshold = 0.5       # inference: per-class NMS IoU
-  c.detection.detections_per_image = 100
-  c.detection.visual_score_threshold = 0.5  # eval pictures: detections drawn
+  c.dataset = _dataset_section(dataset)
+  c.model = _model_section(model)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "ce+dice"           # '+'-joined terms from ce, bce, dice, focal
@@ -190,27 +108,157 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> Iterable[tuple[str, Any]]:
-  for key, value in config.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict):
-      yield from _flat_items(value, f"{name}.")
+def _dataset_section(name: str) -> ml_collections.ConfigDict:
+  """The input pipeline's keys, for every dataset, and the dataset's own keys."""
+  entry = registry.dataset_entry(name)
+  d = ml_collections.ConfigDict()
+  d.name = name
+  d.data_dir = ""           # TFDS data dir; '' = TFDS default (~/tensorflow_datasets)
+  d.num_classes = entry.default_num_classes or 2   # including background (class 0)
+  d.ignore_label = 255      # never counts in loss or metrics
+  d.image_size = 64         # training crop size (and the shapes dataset's generated size)
+  d.eval_split = entry.eval_split
+  d.max_instances = 16      # instance tasks: objects per image (padded; more is an error)
+  d.resize = 0              # 0 = native size; else the shorter side is resized to this
+                            # (train and eval) before cropping / padding
+  # Eval batches images of different sizes by padding each (ignore label) to one canvas per split:
+  # (0, 0) = the split's largest (resized) height and width rounded up to eval_pad_multiple;
+  # (H, W) = a fixed canvas; larger images are downscaled to fit it (aspect kept).
+  d.eval_size = (0, 0)
+  d.eval_pad_multiple = 32
+  d.shuffle_buffer = 2000
+  d.cache = True            # cache decoded examples in memory
+  d.augment = ml_collections.ConfigDict()
+  d.augment.hflip = True
+  d.augment.vflip = True
+  d.augment.min_scale = 0.75   # random scale-and-crop: scale factor range
+  d.augment.max_scale = 1.25
+  d.augment.brightness = 0.15  # colour jitter magnitudes (0 = off); 3-channel images only
+  d.augment.contrast = 0.2
+  d.augment.saturation = 0.2
+  d.augment.hue = 0.03
+  for key, value in entry.defaults.items():
+    d[key] = value
+  return d
+
+
+def _model_section(name: str) -> ml_collections.ConfigDict:
+  """`name`, `init_from` and the model family's own keys (its module's fields)."""
+  entry = registry.model_entry(name)
+  m = ml_collections.ConfigDict()
+  m.name = name
+  # Initialise matching parameters (same path and shape) from a local checkpoint before step 0:
+  # a workdir, an Orbax checkpoint directory, or an .npz of arrays named by '/'-joined paths.
+  # Ignored when the workdir already has a checkpoint (resume wins). Never downloads.
+  m.init_from = ""
+  for key, value in entry.defaults.items():
+    m[key] = value
+  return m
+
+
+def with_model(config: ml_collections.ConfigDict, name: str, *, keep_shared: bool = False
+               ) -> ml_collections.ConfigDict:
+  """A copy of `config` for model `name`: its model keys at their defaults (with `keep_shared`,
+  the keys both models have keep `config`'s values), init_from and every other key as in
+  `config`."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  section = _model_section(name)
+  for key in section:
+    if key == "init_from" or (keep_shared and key != "name" and key in config.model):
+      section[key] = config.model[key]
+  out.model = section
+  return out
+
+
+def with_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of `config` for dataset `name`: the pipeline keys (sizes, augmentation, ...) kept,
+  the dataset's own keys, class count and eval split at its defaults."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  section = _dataset_section(name)
+  generic = set(_dataset_section(DEFAULT_DATASET)) - set(
+      registry.dataset_entry(DEFAULT_DATASET).defaults) - {"name", "num_classes", "eval_split"}
+  for key in generic:
+    section[key] = config.dataset[key]
+  out.dataset = section
+  return out
+
+
+def config_options(arg: str, *, presets: tuple[str, ...] = ()) -> dict[str, str]:
+  """Parses a config file's argument (`--config=configs/unet.py:ARG`): comma-separated
+  `dataset=NAME`, `model=NAME` and at most one preset name; ConfigError for anything else."""
+  options = {"preset": ""}
+  for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+    key, _, value = part.partition("=")
+    if value and key in ("dataset", "model"):
+      options[key] = value
+    elif not value and part in presets and not options["preset"]:
+      options["preset"] = part
     else:
-      yield name, value
+      allowed = ", ".join(["dataset=NAME", "model=NAME", *presets])
+      raise ConfigError(f"config argument {part!r}: not one of {allowed}")
+  return options
+
+
+def apply_options(config: ml_collections.ConfigDict, options: dict[str, str]
+                  ) -> ml_collections.ConfigDict:
+  """`config` with the dataset and model that `config_options` chose (if any)."""
+  if "dataset" in options:
+    config = with_dataset(config, options["dataset"])
+  if "model" in options:
+    config = with_model(config, options["model"])
+  return config
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return traverse_util.flatten_dict(config.to_dict(), sep=".")
 
 
 def _fail(key: str, value: Any, why: str) -> None:
-  raise ConfigError(f"config.{key}={value!r}: {why}")
+  registry.fail(key, value, why)
+
+
+def _unknown_key(key: str, value: Any, config: ml_collections.ConfigDict,
+                 known: Iterable[str]) -> None:
+  """ConfigError for an unknown key: whose key it is, if another model's or dataset's, else the
+  closest known key."""
+  section, _, leaf = key.partition(".")
+  others = {"model": registry.models_with_key, "dataset": registry.datasets_with_key}
+  if section in others and "." not in leaf:
+    owners = [n for n in others[section](leaf) if n != config[section].name]
+    if owners:
+      _fail(key, value, f"not a key of {section} {config[section].name!r}; it is a key of "
+            f"{', '.join(owners)} (choose the {section} when loading the config, "
+            f"--config=FILE:{section}={owners[0]})")
+  close = difflib.get_close_matches(key, list(known), n=1)
+  _fail(key, value, "unknown config key" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def _check_sections(config: ml_collections.ConfigDict) -> None:
+  """The model and dataset sections hold the keys of the named model and dataset."""
+  for section, entry_of, make in (("model", registry.model_entry, _model_section),
+                                  ("dataset", registry.dataset_entry, _dataset_section)):
+    name = config[section].name
+    entry_of(name)  # ConfigError if unknown
+    expected = set(make(name))
+    present = set(config[section])
+    if present != expected:
+      built_for = [n for n in (registry.model_names() if section == "model"
+                               else registry.dataset_names()) if set(make(n)) == present]
+      if built_for:
+        _fail(f"{section}.name", name, f"config.{section} holds the keys of {built_for[0]!r}; "
+              f"choose the {section} when loading the config: --config=FILE:{section}={name}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first unknown key or bad value."""
-  known = dict(_flat_items(base_config()))
-  for key, value in _flat_items(config):
+  _check_sections(config)
+  known = _flat(base_config(config.model.name, config.dataset.name))
+  for key, value in _flat(config).items():
     if key not in known:
-      close = difflib.get_close_matches(key, known, n=1)
-      hint = f" (did you mean {close[0]}?)" if close else ""
-      _fail(key, value, f"unknown config key{hint}")
+      _unknown_key(key, value, config, known)
+  for key in known:
+    if key not in _flat(config):
+      _fail(key, None, "missing (the config was built for another version of seg_jax?)")
 
   def choice(key, allowed):
     value = _get(config, key)
@@ -222,56 +270,53 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
       _fail(key, value, "must be a number " + (">= 0" if allow_zero else "> 0"))
 
-  from seg_jax.data import pipeline    # the registries; imported here to avoid a cycle
-  from seg_jax.models import registry
-  choice("dataset.name", tuple(pipeline.DATASETS))
-  choice("model.name", tuple(registry.MODELS))
-  choice("model.norm", NORMS)
-  choice("model.upsample", UPSAMPLINGS)
   choice("optimizer.name", OPTIMIZERS)
   choice("optimizer.schedule", SCHEDULES)
   choice("dtype", DTYPES)
   choice("matmul_precision", MATMUL_PRECISIONS)
-  choice("conv_backend", CONV_BACKENDS)
+  choice("conv_backend", conv_ops.BACKENDS)
   choice("on_nonfinite", ON_NONFINITE)
   choice("predict.tta", TTA_MODES)
   for key in ("batch_size", "num_train_steps", "log_every_steps", "eval_every_steps",
-              "checkpoint_every_steps", "keep_checkpoints", "model.width", "model.depth",
-              "dataset.num_classes", "dataset.image_size", "optimizer.learning_rate"):
+              "checkpoint_every_steps", "keep_checkpoints", "dataset.num_classes",
+              "dataset.image_size", "optimizer.learning_rate"):
     positive(key)
   for key in ("num_eval_visuals", "check_finite_every_steps", "max_consecutive_skips",
-              "optimizer.weight_decay", "optimizer.warmup_steps",
-              "optimizer.grad_clip_norm", "model.dropout", "loss.dice_smooth",
-              "loss.focal_gamma", "dataset.num_train", "dataset.num_validation",
-              "dataset.num_test", "dataset.shuffle_buffer"):
+              "profile_steps", "optimizer.weight_decay", "optimizer.warmup_steps",
+              "optimizer.grad_clip_norm", "loss.dice_smooth", "loss.focal_gamma",
+              "dataset.shuffle_buffer"):
     positive(key, allow_zero=True)
+  registry.check_fraction("visual_score_threshold", config.visual_score_threshold)
+  if not isinstance(config.model.init_from, str):
+    _fail("model.init_from", config.model.init_from, "must be a path (a string)")
 
-  if not 0 <= config.model.dropout < 1:
-    _fail("model.dropout", config.model.dropout, "must be in [0, 1)")
-  if config.model.norm == "group" and config.model.width % config.model.norm_groups:
-    _fail("model.norm_groups", config.model.norm_groups,
-          f"must divide model.width={config.model.width}")
-  _validate_model(config)
-  if task(config) == "instance":
-    _validate_detection(config)
-  elif config.dataset.name == "coco":
-    _fail("dataset.name", "coco", f"coco is read as instances, for the detectors "
-          f"({', '.join(DETECTION_MODELS)}); model.name={config.model.name!r}")
-  divisor = registry.input_divisor(config)
-  if config.dataset.image_size % divisor:
+  model_entry = registry.model_entry(config.model.name)
+  dataset_entry = registry.dataset_entry(config.dataset.name)
+  model_entry.check(config)
+  _validate_dataset(config, dataset_entry)
+  if model_entry.task == "instance":
+    if not dataset_entry.has_instances:
+      with_instances = [n for n in registry.dataset_names()
+                        if registry.dataset_entry(n).has_instances]
+      _fail("dataset.name", config.dataset.name, f"model.name={config.model.name!r} needs "
+            f"instance annotations; datasets with them: {', '.join(with_instances)}")
+    registry.check_int("dataset.max_instances", config.dataset.max_instances)
+  elif dataset_entry.decode is not None:
+    _fail("dataset.name", config.dataset.name, f"{config.dataset.name} is read as instances, for "
+          f"the detectors; model.name={config.model.name!r}")
+
+  multiple = models.input_multiple(config)
+  reason = registry.input_multiple_reason(model_entry, config.model)
+  if config.dataset.image_size % multiple:
     _fail("dataset.image_size", config.dataset.image_size,
-          f"must be divisible by {divisor} ({_divisor_reason(config)})")
+          f"must be divisible by {multiple} ({reason})")
 
   for key in ("predict.tile_size", "predict.batch_size"):
-    value = _get(config, key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      _fail(key, value, "must be a positive integer")
-  if config.predict.tile_size % divisor:
+    registry.check_int(key, _get(config, key))
+  if config.predict.tile_size % multiple:
     _fail("predict.tile_size", config.predict.tile_size,
-          f"must be divisible by {divisor} ({_divisor_reason(config)})")
-  overlap = config.predict.overlap
-  if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
-    _fail("predict.overlap", overlap, "must be a fraction of the tile size in [0, 1)")
+          f"must be divisible by {multiple} ({reason})")
+  registry.check_fraction("predict.overlap", config.predict.overlap, closed=False)
   if not isinstance(config.predict.save_probabilities, bool):
     _fail("predict.save_probabilities", config.predict.save_probabilities, "must be True or False")
 
@@ -279,11 +324,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("optimizer.warmup_steps", config.optimizer.warmup_steps,
           f"must be < num_train_steps={config.num_train_steps}")
 
-  terms = str(config.loss.name).split("+")
-  for term in terms:
-    if term not in LOSS_TERMS:
-      _fail("loss.name", config.loss.name,
-            f"unknown term {term!r}; terms are {', '.join(LOSS_TERMS)} joined by '+'")
+  try:
+    terms = losses.parse_loss_name(str(config.loss.name))
+  except ValueError as e:
+    _fail("loss.name", config.loss.name, str(e))
   if "bce" in terms:
     if config.dataset.num_classes != 2:
       _fail("loss.name", config.loss.name,
@@ -298,150 +342,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
   lo, hi = config.dataset.augment.min_scale, config.dataset.augment.max_scale
   if not 0 < lo <= hi:
     _fail("dataset.augment.min_scale", lo, f"must satisfy 0 < min_scale <= max_scale={hi}")
-  _validate_dataset(config)
   if not 0 <= config.dataset.ignore_label or 0 <= config.dataset.ignore_label < config.dataset.num_classes:
     _fail("dataset.ignore_label", config.dataset.ignore_label,
           f"must be >= 0 and outside [0, num_classes={config.dataset.num_classes})")
 
 
-def schema_default(key: str) -> Any:
-  """The base_config() default of the dotted `key`; ConfigError naming the closest key if unknown."""
-  known = dict(_flat_items(base_config()))
+def schema_default(key: str, config: ml_collections.ConfigDict | None = None) -> Any:
+  """The default of the dotted `key` for `config`'s model and dataset (default: the default
+  ones); ConfigError naming the closest key if unknown."""
+  names = (config.model.name, config.dataset.name) if config is not None else ()
+  known = _flat(base_config(*names))
   if key not in known:
-    close = difflib.get_close_matches(key, known, n=1)
+    close = difflib.get_close_matches(key, list(known), n=1)
     raise ConfigError(f"config.{key}: unknown config key" +
                       (f" (did you mean {close[0]}?)" if close else ""))
   return known[key]
 
 
-def _validate_dataset(config: ml_collections.ConfigDict) -> None:
-  """Keys of the folder and TFDS datasets: roots, channels, split fractions, eval canvas."""
+def _validate_dataset(config: ml_collections.ConfigDict, entry: registry.DatasetEntry) -> None:
+  """The pipeline's keys (the eval canvas) and the dataset's own checks."""
   d = config.dataset
-  if d.name in ("folder", "ade20k") and not d.root:
-    _fail("dataset.root", d.root, f"dataset.name={d.name!r} needs the data folder")
-  from seg_jax.data import standard
-  if d.name in standard.DATASETS and d.num_classes not in standard.DATASETS[d.name].num_classes:
-    _fail("dataset.num_classes", d.num_classes, f"{d.name} has "
-          f"{' or '.join(map(str, standard.DATASETS[d.name].num_classes))} classes")
-  for key in ("channels", "resize", "split_seed"):
-    value = d[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-      _fail(f"dataset.{key}", value, "must be an integer >= 0")
-  fractions = (d.validation_fraction, d.test_fraction)
-  if any(not 0 <= f < 1 for f in fractions) or sum(fractions) >= 1:
-    _fail("dataset.validation_fraction", d.validation_fraction,
-          f"validation_fraction and test_fraction={d.test_fraction} must be in [0, 1) with a sum < 1")
-  from seg_jax.models import registry
-  divisor = registry.input_divisor(config)
-  multiple = d.eval_pad_multiple
-  if not isinstance(multiple, int) or multiple <= 0 or multiple % divisor:
-    _fail("dataset.eval_pad_multiple", multiple,
-          f"must be a positive multiple of {divisor} ({_divisor_reason(config)})")
+  if entry.num_classes and d.num_classes not in entry.num_classes:
+    _fail("dataset.num_classes", d.num_classes,
+          f"{d.name} has {' or '.join(map(str, entry.num_classes))} classes")
+  registry.check_int("dataset.resize", d.resize, minimum=0)
+  entry.check(config)
+  multiple = models.input_multiple(config)
+  reason = registry.input_multiple_reason(registry.model_entry(config.model.name), config.model)
+  pad = d.eval_pad_multiple
+  if not isinstance(pad, int) or pad <= 0 or pad % multiple:
+    _fail("dataset.eval_pad_multiple", pad, f"must be a positive multiple of {multiple} ({reason})")
   size = tuple(d.eval_size) if isinstance(d.eval_size, (tuple, list)) else None
   if (size is None or len(size) != 2 or any(not isinstance(v, int) or v < 0 for v in size)
       or (0 in size and size != (0, 0))):
     _fail("dataset.eval_size", d.eval_size, "must be (0, 0) (automatic) or (height, width) > 0")
-  if size != (0, 0) and any(v % divisor for v in size):
+  if size != (0, 0) and any(v % multiple for v in size):
     _fail("dataset.eval_size", d.eval_size,
-          f"height and width must be divisible by {divisor} ({_divisor_reason(config)})")
+          f"height and width must be divisible by {multiple} ({reason})")
 
 
 def task(config: ml_collections.ConfigDict) -> str:
-  """'instance' for the detection models (boxes and instance masks), else 'semantic'."""
-  return "instance" if config.model.name in DETECTION_MODELS else "semantic"
-
-
-def _validate_detection(config: ml_collections.ConfigDict) -> None:
-  """Dataset, backbone and budgets of a detection model."""
-  from seg_jax.models import resnet
-  d, m, det = config.dataset, config.model, config.detection
-  if d.name not in INSTANCE_DATASETS:
-    _fail("dataset.name", d.name, f"model.name={m.name!r} needs instance annotations; datasets "
-          f"with them: {', '.join(INSTANCE_DATASETS)}")
-  from seg_jax.data import coco
-  if d.name == "coco" and d.num_classes != coco.NUM_CLASSES:
-    _fail("dataset.num_classes", d.num_classes,
-          f"coco has {coco.NUM_CLASSES} classes (background + {coco.NUM_THING_CLASSES} things)")
-  if m.backbone not in resnet.RESNETS:
-    _fail("model.backbone", m.backbone,
-          f"{m.name} needs a ResNet: one of {', '.join(resnet.RESNETS)}")
-  if resnet.STEM_STRIDES[m.backbone_stem] != 4:
-    _fail("model.backbone_stem", m.backbone_stem, "the FPN needs a stem of stride 4: imagenet or small")
-  if len(det.anchor_sizes) != 5 or any(s <= 0 for s in det.anchor_sizes):
-    _fail("detection.anchor_sizes", det.anchor_sizes, "must be 5 positive sizes, one per P2..P6")
-  if not det.aspect_ratios or any(r <= 0 for r in det.aspect_ratios):
-    _fail("detection.aspect_ratios", det.aspect_ratios, "must be positive height/width ratios")
-  for key in ("fpn_features", "rpn_pre_nms_topk", "rpn_post_nms_topk", "rpn_num_samples",
-              "roi_num_samples", "box_head_hidden", "mask_head_features", "mask_size",
-              "detections_per_image"):
-    value = det[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      _fail(f"detection.{key}", value, "must be a positive integer")
-  if det.mask_size % 2:
-    _fail("detection.mask_size", det.mask_size, "must be even (the head upsamples 2x)")
-  for key in ("rpn_nms_threshold", "nms_threshold", "score_threshold", "roi_positive_fraction",
-              "visual_score_threshold"):
-    if not 0 <= det[key] <= 1:
-      _fail(f"detection.{key}", det[key], "must be in [0, 1]")
-  if int(det.roi_num_samples * det.roi_positive_fraction) < 1:
-    _fail("detection.roi_positive_fraction", det.roi_positive_fraction,
-          f"leaves no foreground RoI of roi_num_samples={det.roi_num_samples}")
-  if not isinstance(d.max_instances, int) or d.max_instances <= 0:
-    _fail("dataset.max_instances", d.max_instances, "must be a positive integer")
-  if m.norm == "group" and m.width % m.norm_groups:
-    _fail("model.norm_groups", m.norm_groups, f"must divide model.width={m.width}")
-
-
-def _divisor_reason(config: ml_collections.ConfigDict) -> str:
-  m = config.model
-  if m.name in DETECTION_MODELS:
-    return f"the input multiple of {m.name}'s ResNet-FPN"
-  if m.name == "deeplabv3plus":
-    return f"the input multiple of deeplabv3plus at model.output_stride={m.output_stride}"
-  if m.backbone:
-    return f"the input multiple of a U-Net with a {m.backbone} encoder"
-  return f"2**model.depth={2 ** m.depth}"
-
-
-def _validate_model(config: ml_collections.ConfigDict) -> None:
-  """Backbone, output stride and DeepLab head keys."""
-  from seg_jax.models import resnet
-  m = config.model
-  if m.backbone and m.backbone not in resnet.RESNETS:
-    _fail("model.backbone", m.backbone, f"must be '' or one of {', '.join(resnet.RESNETS)}")
-  if m.name == "deeplabv3plus" and not m.backbone:
-    _fail("model.backbone", m.backbone,
-          f"deeplabv3plus needs a ResNet: one of {', '.join(resnet.RESNETS)}")
-  if m.backbone_stem not in resnet.STEMS:
-    _fail("model.backbone_stem", m.backbone_stem, f"must be one of {', '.join(resnet.STEMS)}")
-  if m.output_stride not in resnet.output_strides(m.backbone_stem):
-    _fail("model.output_stride", m.output_stride,
-          f"must be one of {', '.join(map(str, resnet.output_strides(m.backbone_stem)))} with "
-          f"model.backbone_stem={m.backbone_stem!r}")
-  if m.decoder_low_level not in ("c1", "c2"):
-    _fail("model.decoder_low_level", m.decoder_low_level, "must be one of c1, c2")
-  rates = m.aspp_rates
-  if (not isinstance(rates, (tuple, list))
-      or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in rates)):
-    _fail("model.aspp_rates", rates, "must be a tuple of integers >= 1, e.g. (6, 12, 18)")
-  for key in ("aspp_features", "decoder_low_level_features", "decoder_features"):
-    value = m[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      _fail(f"model.{key}", value, "must be a positive integer")
-  if not isinstance(m.aspp_image_pooling, bool):
-    _fail("model.aspp_image_pooling", m.aspp_image_pooling, "must be True or False")
-  if m.norm == "group":
-    widths = {"model.width": m.width}
-    if m.backbone and m.backbone_stem in ("small", "small_stride2"):
-      widths["model.width / 2 (the small stem's first conv)"] = m.width // 2
-    if m.name == "deeplabv3plus":
-      widths.update({f"model.{k}": m[k] for k in ("aspp_features", "decoder_low_level_features",
-                                                  "decoder_features")})
-    for key, value in widths.items():
-      if value % m.norm_groups:
-        _fail("model.norm_groups", m.norm_groups, f"must divide {key}={value}")
-  if not isinstance(m.init_from, str):
-    _fail("model.init_from", m.init_from, "must be a path (a string)")
+  """The task family of the model: 'semantic' or 'instance' (boxes and instance masks)."""
+  return registry.model_entry(config.model.name).task
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -451,11 +393,6 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return value
 
 
-def num_logits(config: ml_collections.ConfigDict) -> int:
-  """One logit for binary tasks trained with BCE, else one per class."""
-  return 1 if "bce" in str(config.loss.name).split("+") else config.dataset.num_classes
-
-
 def loss_terms(config: ml_collections.ConfigDict) -> dict[str, float]:
   """{'ce': weight, 'dice': weight, ...} from loss.name and loss.<term>_weight."""
-  return {t: float(config.loss[f"{t}_weight"]) for t in str(config.loss.name).split("+")}
+  return {t: float(config.loss[f"{t}_weight"]) for t in losses.parse_loss_name(str(config.loss.name))}

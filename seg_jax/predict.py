@@ -1,7 +1,10 @@
 """--mode=predict: segment image files of any size with the newest checkpoint.
 
-  python main.py --config=configs/unet.py --workdir=runs/unet --mode=predict \\
+  python main.py --workdir=runs/unet --mode=predict \\
       --config.predict.input='scans/*.png' [--config.predict.output=OUT]
+
+The model, its classes and input channels come from the workdir (`seg_jax/workdir.py`): the
+training data need not exist.
 
 For every input image (sorted by path) the output directory (default
 WORKDIR/predictions) receives:
@@ -126,11 +129,6 @@ def make_tile_function(model: nn.Module, variables: dict, *, tta: str, batch_siz
 
 # ---------------------------------------------------------------------------- host side: one image
 
-def normalize_tile(tile: np.ndarray) -> np.ndarray:
-  """uint8/uint16 pixels -> float32 in [-1, 1]; for uint8 the training pipeline's x / 127.5 - 1."""
-  return image_io.to_unit_range(tile) * 2 - 1
-
-
 def predict_image(image: np.ndarray, tile_fn: Callable[[np.ndarray], np.ndarray], *,
                   num_classes: int, tile_size: int, overlap: float, batch_size: int,
                   progress: Callable[[int, int], None] | None = None
@@ -152,7 +150,7 @@ def predict_image(image: np.ndarray, tile_fn: Callable[[np.ndarray], np.ndarray]
     # while the host already fills the next batch.
     batch = np.zeros((batch_size, tile_size, tile_size, channels), np.float32)
     for i, (y, x) in enumerate(chunk):
-      batch[i] = normalize_tile(tiling.extract_tile(image, y, x, tile_size))
+      batch[i] = image_io.normalize(tiling.extract_tile(image, y, x, tile_size))
     result = tile_fn(batch)  # asynchronous: the device runs while the host blends below
     if in_flight is not None:
       yield from _blend(blender, *in_flight)
@@ -319,7 +317,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out_dir = os.path.expanduser(p.output) if p.output else os.path.join(workdir, "predictions")
   os.makedirs(out_dir, exist_ok=True)
 
-  trainer = train.Trainer(config, workdir)
+  trainer = train.Trainer(config, workdir, with_data=False)
   try:
     state = trainer.latest_checkpoint_state()
   finally:

@@ -44,7 +44,6 @@ import importlib.util
 import itertools
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -53,8 +52,10 @@ import time
 import urllib.parse
 from typing import Any, Sequence
 
+from flax import traverse_util
 import ml_collections
 
+from seg_jax import cli
 from seg_jax import config as config_lib
 from seg_jax import sweep_report
 
@@ -81,10 +82,11 @@ class Run:
 
 # ---------------------------------------------------------------------------- axes
 
-def _default(key: str, source: str) -> Any:
-  """The schema default of an axis key (its type is the type of the axis values)."""
+def _default(key: str, source: str, base: ml_collections.ConfigDict | None = None) -> Any:
+  """The schema default of an axis key for `base`'s model and dataset (its type is the type of
+  the axis values)."""
   try:
-    default = config_lib.schema_default(key)
+    default = config_lib.schema_default(key, base)
   except config_lib.ConfigError as e:
     raise SweepError(f"{source}: {e}") from None
   if key == "seed":
@@ -119,21 +121,23 @@ def coerce_value(key: str, value: Any, default: Any, source: str) -> Any:
   return value
 
 
-def parse_axis_flag(text: str) -> tuple[str, list[Any]]:
+def parse_axis_flag(text: str, base: ml_collections.ConfigDict | None = None
+                    ) -> tuple[str, list[Any]]:
   """'model.width=8,16' -> ('model.width', [8, 16]) typed like the base config."""
   key, sep, values = text.partition("=")
   key = key.strip()
   if not sep or not values.strip():
     raise SweepError(f"--sweep={text}: expected key=value1,value2,...")
-  default = _default(key, "--sweep")
+  default = _default(key, "--sweep", base)
   return key, [coerce_value(key, v, default, "--sweep") for v in values.split(",")]
 
 
-def check_axes(axes: dict[str, Any], source: str) -> dict[str, list[Any]]:
+def check_axes(axes: dict[str, Any], source: str, base: ml_collections.ConfigDict | None = None
+               ) -> dict[str, list[Any]]:
   """The axes with keys checked against the schema and values typed like its defaults."""
   out = {}
   for key, values in axes.items():
-    default = _default(key, source)
+    default = _default(key, source, base)
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
       raise SweepError(f"{source}: config.{key}: expected a non-empty list of values")
     typed = [coerce_value(key, v, default, source) for v in values]
@@ -263,15 +267,7 @@ def _flat_json(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   """{'model.width': 16, ...} of a config as config.json stores it (JSON types)."""
   if isinstance(config, ml_collections.ConfigDict):
     config = json.loads(config.to_json_best_effort())
-  out = {}
-  def walk(node, prefix):
-    for key, value in node.items():
-      if isinstance(value, dict):
-        walk(value, f"{prefix}{key}.")
-      else:
-        out[f"{prefix}{key}"] = value
-  walk(config, "")
-  return out
+  return traverse_util.flatten_dict(config, sep=".")
 
 
 def check_existing_workdir(run: Run, config: ml_collections.ConfigDict) -> None:
@@ -364,33 +360,12 @@ def _define_flags():
   return flags.FLAGS
 
 
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser with config-override errors as one line (like main.py)."""
-  from absl import flags
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-  except (AttributeError, KeyError) as e:
-    override = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                     and a.split("=")[0].rsplit(".", 1)[-1] in str(e)), "--config.?")
-    hint = re.search(r'Did you mean "(\w+)"', str(e).replace("\\", ""))
-    _fail(f"{override}: unknown config key" + (f" (did you mean {hint.group(1)}?)" if hint else ""))
-  except (TypeError, ValueError) as e:
-    _fail(f"bad config override: {e}")
-
-
 def main(argv: list[str]) -> None:
   from absl import flags
   from ml_collections import config_flags
   FLAGS = flags.FLAGS
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   sweep_dir = FLAGS.workdir
   try:
     if FLAGS.report:
@@ -398,14 +373,14 @@ def main(argv: list[str]) -> None:
       print("\n".join(f"wrote {p}" for p in paths.values()))
       return
     if FLAGS.config is None:
-      _fail("--config is required (unless --report)")
+      cli.fail("--config is required (unless --report)")
     config_arg = config_flags.get_config_filename(FLAGS["config"])
     fixed = dict(config_flags.get_override_values(FLAGS["config"]))
     base = FLAGS.config
     spec = load_sweep_file(config_arg)
-    axes = check_axes(dict(spec.get("axes", {})), f"{config_arg} get_sweep()")
+    axes = check_axes(dict(spec.get("axes", {})), f"{config_arg} get_sweep()", base)
     for text in FLAGS.sweep:
-      key, values = parse_axis_flag(text)
+      key, values = parse_axis_flag(text, base)
       axes[key] = values
     clash = sorted(set(axes) & set(fixed))
     if clash:
@@ -430,16 +405,16 @@ def main(argv: list[str]) -> None:
     paths = report(sweep_dir, metrics)
     print("\n".join(f"wrote {p}" for p in paths.values()))
     if failed:
-      _fail(f"{len(failed)} of {len(runs)} runs failed: " +
+      cli.fail(f"{len(failed)} of {len(runs)} runs failed: " +
             ", ".join(f"{r.variant}/seed={r.seed}" for r in failed), code=1)
   except (SweepError, sweep_report.ReportError, config_lib.ConfigError) as e:
-    _fail(str(e))
+    cli.fail(str(e))
   except OSError as e:  # ml_collections: the config file could not be loaded
-    _fail(" ".join(str(e).split()))
+    cli.fail(" ".join(str(e).split()))
 
 
 if __name__ == "__main__":
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # runs the finally that stops the child
   from absl import app
   _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from clu import periodic_actions
 
 from seg_jax import config as config_lib
 from seg_jax import init_from
@@ -30,9 +31,9 @@ from seg_jax import parallel
 from seg_jax import preemption
 from seg_jax import tasks
 from seg_jax import visualize
+from seg_jax import workdir as workdir_lib
 from seg_jax import writers
 from seg_jax.data import pipeline
-from seg_jax.models import registry
 from seg_jax.ops import conv as conv_ops
 from seg_jax.ops import onednn
 
@@ -41,8 +42,7 @@ class NonFiniteError(RuntimeError):
   """Training produced a NaN/Inf; the message names the step and the quantity."""
 
 
-class WorkdirError(OSError):
-  """The workdir cannot be created or written, or holds no usable checkpoint."""
+WorkdirError = workdir_lib.WorkdirError
 
 
 @flax.struct.dataclass
@@ -189,9 +189,13 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
 # ---------------------------------------------------------------------------- host helpers
 
 class Trainer:
-  """Everything a run needs, built once from the config: model, mesh, jitted steps, data, checkpoints."""
+  """Everything a run needs, built once from the config: model, mesh, jitted steps, data, checkpoints.
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  `with_data=False` (prediction) prepares no dataset: the class names and input channels come
+  from the workdir (`seg_jax/workdir.py`), and `builder` is None.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, with_data: bool = True):
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
@@ -201,12 +205,17 @@ class Trainer:
       raise config_lib.ConfigError(str(e)) from e
     logging.info("Convolutions: %s (conv_backend=%s)", "oneDNN " + onednn.version()
                  if self.conv_backend == "onednn" else "XLA", config.conv_backend)
-    self.model = registry.build_model(config)
+    self.model = models.build_model(config)
     self.task = tasks.get_task(config)
     self.tx, self.schedule = make_optimizer(config)
-    self.builder, self.class_names = pipeline.prepare_dataset(config)
-    self.channels = pipeline.image_channels(config, self.builder)
-    pipeline.check_eval_split(config, self.builder)  # fail now, not at the first eval
+    if with_data:
+      self.builder, self.class_names = pipeline.prepare_dataset(config)
+      self.channels = pipeline.image_channels(config, self.builder)
+      pipeline.check_eval_split(config, self.builder)  # fail now, not at the first eval
+    else:
+      info = workdir_lib.read_model_info(workdir)
+      self.builder, self.class_names = None, info["class_names"]
+      self.channels = info["input_channels"]
     replicated = parallel.replicated(self.mesh)
     data = parallel.batch_sharding(self.mesh)
     self.train_step = jax.jit(
@@ -338,10 +347,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   started = time.perf_counter()
   _prepare_workdir(workdir)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   trainer = Trainer(config, workdir)
+  if jax.process_index() == 0:
+    workdir_lib.write(workdir, config, class_names=trainer.class_names, channels=trainer.channels)
   state = trainer.initial_state()
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
@@ -354,6 +362,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Already trained to step %d (num_train_steps=%d); evaluating only.",
                  start_step, total_steps)
   check_every = config.check_finite_every_steps or config.log_every_steps
+  profile = None
+  if config.profile_steps and jax.process_index() == 0:
+    # A trace of profile_steps steps from the second one of this call (the first compiles),
+    # for TensorBoard's profile tab (WORKDIR/plugins/profile).
+    profile = periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                       first_profile=start_step + 2, every_secs=None)
 
   with preemption.PreemptionWatcher(every_steps=config.log_every_steps) as watcher:
     try:
@@ -372,6 +386,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write_scalars(step, {"compile_seconds": compile_s})
           interval_start = time.perf_counter()
         state, step_metrics = compiled(state, batch)
+        if profile is not None:
+          profile(step)
         pending.append((step, step_metrics))
         interval_steps += 1
 

@@ -39,13 +39,12 @@ def tiny_config(data_dir: str):
 
 def tiny_detector_config(data_dir: str):
   """Mask R-CNN small enough to compile in seconds, on the same 32x32 shapes as tiny_config."""
-  c = tiny_config(data_dir)
-  c.model.name = "mask_rcnn"
+  c = config_lib.with_model(tiny_config(data_dir), "mask_rcnn")
   c.model.backbone = "resnet10"
   c.model.width = 8
-  c.model.backbone_stem = "small"
+  c.model.stem = "small"
   c.dataset.max_instances = 8
-  d = c.detection
+  d = c.model
   d.fpn_features = 16
   d.anchor_sizes = (4, 8, 16, 32, 64)
   d.rpn_pre_nms_topk = 32

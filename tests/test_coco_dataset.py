@@ -85,8 +85,7 @@ def _mocked_coco():
 
 
 def _coco_config(data_dir):
-  c = tiny_detector_config(data_dir)
-  c.dataset.name = "coco"
+  c = config_lib.with_dataset(tiny_detector_config(data_dir), "coco")
   c.dataset.num_classes = 81
   c.dataset.resize = 64
   c.dataset.image_size = 64
@@ -130,7 +129,7 @@ def test_coco_config_validates_and_coco_needs_a_detector():
   config = mask_rcnn_coco.get_config()
   config_lib.validate(config)
   assert config_lib.task(config) == "instance"
-  config.model.name = "unet"
+  config = config_lib.with_model(config, "unet")
   with pytest.raises(config_lib.ConfigError, match="for the detectors"):
     config_lib.validate(config)
 

@@ -1,5 +1,8 @@
 """Config errors fail at start with one line naming the key."""
 
+import glob
+import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -17,6 +20,61 @@ def _run_main(*args, cwd=REPO):
                         cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
+def _config_files():
+  files = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")) +
+                 glob.glob(os.path.join(REPO, "configs", "sweeps", "*.py")))
+  return [os.path.relpath(f, REPO) for f in files]
+
+
+# Config files whose dataset needs a folder the user names.
+NEEDS_ROOT = {"configs/unet_folder.py", "configs/unet_ade20k.py"}
+
+
+@pytest.mark.parametrize("path", _config_files())
+def test_every_config_file_loads_and_validates(path):
+  """Loaded as main.py loads it (ml_collections' config file loader), with every argument its
+  get_config takes."""
+  spec = importlib.util.spec_from_file_location(f"config_{os.path.basename(path)[:-3]}",
+                                                os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  args = [""] + (["large", "dataset=folder"] if "arg" in inspect.signature(
+      module.get_config).parameters else [])
+  for arg in args:
+    if arg == "large" and '"large"' not in inspect.getsource(module):
+      with pytest.raises(config_lib.ConfigError, match="config argument 'large': not one of"):
+        module.get_config(arg)
+      continue
+    config = module.get_config(arg) if arg else module.get_config()
+    if path in NEEDS_ROOT or config.dataset.name in ("folder", "ade20k"):
+      with pytest.raises(config_lib.ConfigError, match=r"^config.dataset.root='': .* needs"):
+        config_lib.validate(config)
+      config.dataset.root = "/data/somewhere"
+    if arg == "dataset=folder" and config_lib.task(config) == "instance":
+      with pytest.raises(config_lib.ConfigError, match="needs instance annotations"):
+        config_lib.validate(config)
+      continue
+    config_lib.validate(config)
+  assert set(_config_files()) >= {"configs/unet.py", "configs/sweeps/unet_norm.py"}
+
+
+def test_a_config_file_chooses_its_dataset_and_model_by_argument():
+  sys.path.insert(0, REPO)
+  from configs import deeplabv3plus, unet
+  config = deeplabv3plus.get_config("large,dataset=folder")
+  assert config.model.name == "deeplabv3plus" and config.model.backbone == "resnet50"
+  assert config.dataset.name == "folder" and config.dataset.root == ""
+  assert config.dataset.image_size == 512   # the pipeline keys of the config are kept
+  config = unet.get_config("model=deeplabv3plus")
+  assert config.model.to_dict() == config_lib.base_config("deeplabv3plus").model.to_dict()
+  with pytest.raises(config_lib.ConfigError, match=r"config argument 'smal': not one of "
+                                                   r"dataset=NAME, model=NAME, large"):
+    unet.get_config("smal")
+  with pytest.raises(config_lib.ConfigError, match=r"^config.dataset.name='nope': unknown "
+                                                   r"dataset; datasets: .*shapes.*folder"):
+    unet.get_config("dataset=nope")
+
+
 def test_default_configs_validate():
   sys.path.insert(0, REPO)
   from configs import unet
@@ -26,10 +84,32 @@ def test_default_configs_validate():
 
 def test_unknown_override_key_fails_before_anything_runs(tmp_path):
   result = _run_main(f"--workdir={tmp_path}/wd", "--config.model.widht=8")
-  assert result.returncode != 0
-  assert "widht" in result.stderr
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: --config.model.widht: unknown config key (did you mean width?)")
   assert "Traceback" not in result.stderr
   assert not os.path.exists(tmp_path / "wd")
+
+
+def test_another_models_key_says_whose_it_is(tmp_path):
+  result = _run_main(f"--workdir={tmp_path}/wd", "--config.model.aspp_rates=(1,2)")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: --config.model.aspp_rates: not a key of this config's model; it is a key of "
+      "deeplabv3plus (choose the model when loading the config: "
+      "--config=FILE:model=deeplabv3plus)")
+  result = _run_main(f"--workdir={tmp_path}/wd", "--config.model.name=mask_rcnn")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: config.model.name='mask_rcnn': config.model holds the keys of 'unet'; choose the "
+      "model when loading the config: --config=FILE:model=mask_rcnn")
+
+
+@pytest.mark.parametrize("section,name", [("model", "segformer"), ("dataset", "kitti")])
+def test_unknown_model_or_dataset_name_is_one_line(section, name):
+  with pytest.raises(config_lib.ConfigError,
+                     match=rf"^config.{section}.name='{name}': unknown {section}; {section}s: "):
+    config_lib.base_config(**{section: name})
 
 
 def test_bad_value_fails_with_one_line_naming_the_key(tmp_path):
@@ -53,7 +133,8 @@ def test_unknown_key_in_a_config_file_is_caught(data_dir):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("loss.name", "ce+lovasz", "unknown term 'lovasz'"),
+    ("loss.name", "ce+lovasz", "unknown loss term 'lovasz'"),
+    ("loss.name", "ce+ce", "repeated loss term"),
     ("loss.name", "bce", "needs dataset.num_classes=2"),
     ("batch_size", 0, "must be a number > 0"),
     ("model.dropout", 1.5, "must be in \\[0, 1\\)"),

@@ -422,7 +422,7 @@ def test_paste_masks_matches_numpy():
 def _tiny_mask_rcnn(**overrides):
   from seg_jax.models.detection import mask_rcnn
   settings = dict(num_classes=2, backbone="resnet10", width=8, stem="small", fpn_features=16,
-                  anchor_sizes=((8,), (16,), (32,), (64,), (128,)), rpn_pre_nms_topk=64,
+                  anchor_sizes=(8, 16, 32, 64, 128), rpn_pre_nms_topk=64,
                   rpn_post_nms_topk=64, rpn_num_samples=64, roi_num_samples=32,
                   canonical_size=56.0, box_head_hidden=32, mask_head_features=8,
                   detections_per_image=10)
@@ -481,7 +481,7 @@ def test_mask_rcnn_train_steps_lower_the_loss_and_compile_once():
     params, batch_stats, opt_state, loss, losses = step(
         params, batch_stats, opt_state, images, targets, jax.random.key(100 + i))
     history.append(float(loss))
-    assert set(mask_rcnn.LOSS_TERMS) <= set(losses) and all(np.isfinite(float(v)) for v in losses.values())
+    assert set(mask_rcnn.LOSS_PARTS) <= set(losses) and all(np.isfinite(float(v)) for v in losses.values())
   assert np.mean(history[-3:]) < 0.8 * np.mean(history[:3]), history
   # Another batch of the same shapes runs the same compiled program.
   other_images, other_targets = _tiny_scene(np.random.default_rng(1))

@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 import tifffile
 
+from seg_jax import config as config_lib
 from seg_jax import metrics
 from seg_jax.data import pipeline
 from seg_jax.data.builders import folder
@@ -281,8 +282,7 @@ def test_cache_is_reused_rechecked_and_invalidated(good, good_data_dir, monkeypa
 
 
 def _folder_config(root, data_dir):
-  c = tiny_config(data_dir)
-  c.dataset.name = "folder"
+  c = config_lib.with_dataset(tiny_config(data_dir), "folder")
   c.dataset.root = str(root)
   c.dataset.num_classes = K
   c.dataset.channels = 3

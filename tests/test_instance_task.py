@@ -142,17 +142,16 @@ def test_detector_configs_validate_and_bad_ones_fail():
     config = module.get_config()
     config_lib.validate(config)
     assert config_lib.task(config) == "instance"
-  config = mask_rcnn.get_config()
-  config.dataset.name = "folder"
+  config = config_lib.with_dataset(mask_rcnn.get_config(), "folder")
   config.dataset.root = "/nonexistent"
   with pytest.raises(config_lib.ConfigError, match="needs instance annotations"):
     config_lib.validate(config)
   config = mask_rcnn.get_config()
-  config.model.backbone_stem = "small_stride2"
+  config.model.stem = "small_stride2"
   with pytest.raises(config_lib.ConfigError, match="stride 4"):
     config_lib.validate(config)
   config = mask_rcnn.get_config()
-  config.detection.anchor_sizes = (8, 16, 32)
+  config.model.anchor_sizes = (8, 16, 32)
   with pytest.raises(config_lib.ConfigError, match="5 positive sizes"):
     config_lib.validate(config)
 

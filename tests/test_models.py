@@ -6,7 +6,7 @@ import pytest
 
 from seg_jax.models import init_key
 from seg_jax.models import layers
-from seg_jax.models import registry
+from seg_jax import models
 from seg_jax.models.unet import UNet
 from tests.conftest import tiny_config
 
@@ -54,8 +54,12 @@ def test_unet_shapes_and_skips(norm, upsample):
   assert y.shape == (2, 32, 48, 5) and y.dtype == jnp.float32
   assert ("batch_stats" in variables) == (norm == "batch")
   # Channels of the first decoder block's input = skip (8) + upsampled (8): the skip is concatenated.
-  first_conv = variables["params"]["DoubleConv_6"]["ConvNormAct_0"]["Conv_0"]["kernel"]
+  first_conv = variables["params"]["up0"]["conv1"]["Conv_0"]["kernel"]
   assert first_conv.shape[2] == 16
+  # Blocks are named by their place in the network, not by creation order (init_from matches
+  # parameters by path).
+  assert set(variables["params"]) == {"down0", "down1", "down2", "bottom", "upsample0",
+                                      "upsample1", "upsample2", "up0", "up1", "up2", "head"}
 
 
 def test_unet_output_depends_on_skip_path():
@@ -79,7 +83,7 @@ def test_registry_binary_model_has_one_logit(tmp_path):
   config = tiny_config(str(tmp_path))
   config.dataset.num_classes = 2
   config.loss.name = "bce+dice"
-  model = registry.build_model(config)
+  model = models.build_model(config)
   y = model.init_with_output(init_key(0), jnp.ones((1, 32, 32, 3)), train=False)[0]
   assert y.shape == (1, 32, 32, 1)
 

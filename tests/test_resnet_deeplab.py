@@ -14,7 +14,7 @@ from seg_jax import init_from
 from seg_jax import train
 from seg_jax.models import init_key
 from seg_jax.models import layers
-from seg_jax.models import registry
+from seg_jax import models
 from seg_jax.models import resnet
 from seg_jax.models.deeplab import DeepLabV3Plus
 from seg_jax.models.unet import UNet
@@ -146,30 +146,29 @@ def test_unet_with_resnet_encoder():
 
 
 def _deeplab_config(data_dir):
-  c = tiny_config(data_dir)
-  c.model.name = "deeplabv3plus"
+  c = config_lib.with_model(tiny_config(data_dir), "deeplabv3plus")
   c.model.backbone = "resnet10"
-  c.model.backbone_stem = "small"
+  c.model.stem = "small"
   c.model.output_stride = 8
   c.model.aspp_rates = (1, 2)
   c.model.aspp_features = 8
-  c.model.decoder_low_level_features = 8
+  c.model.low_level_features = 8
   c.model.decoder_features = 8
   return c
 
 
 @pytest.mark.parametrize("key,value,message", [
     ("model.backbone", "", "deeplabv3plus needs a ResNet"),
-    ("model.backbone", "resnet9", "must be '' or one of resnet10"),
-    ("model.output_stride", 4, "must be one of 8, 16, 32 with model.backbone_stem='small'"),
+    ("model.backbone", "resnet9", "deeplabv3plus needs a ResNet: one of resnet10"),
+    ("model.output_stride", 4, "must be one of 8, 16, 32 with model.stem='small'"),
     ("model.aspp_rates", (2, 0), "integers >= 1"),
-    ("model.backbone_stem", "tiny", "must be one of imagenet, small"),
+    ("model.stem", "tiny", "must be one of imagenet, small"),
     ("dataset.image_size", 36, "divisible by 8 .the input multiple of deeplabv3plus"),
     ("predict.tile_size", 100, "divisible by 8"),
 ])
 def test_bad_deeplab_config_fails_at_start(data_dir, key, value, message):
   c = _deeplab_config(data_dir)
-  c.model.backbone_stem = "small"
+  c.model.stem = "small"
   section, name = key.split(".")
   c[section][name] = value
   with pytest.raises(config_lib.ConfigError, match=message):
@@ -178,10 +177,10 @@ def test_bad_deeplab_config_fails_at_start(data_dir, key, value, message):
 
 def test_output_stride_depends_on_the_stem(data_dir):
   c = _deeplab_config(data_dir)
-  c.model.backbone_stem = "small_stride2"
+  c.model.stem = "small_stride2"
   c.model.output_stride = 4
   config_lib.validate(c)
-  assert registry.input_divisor(c) == 4
+  assert models.input_multiple(c) == 4
   c.model.output_stride = 32
   with pytest.raises(config_lib.ConfigError, match="must be one of 4, 8, 16 with"):
     config_lib.validate(c)
@@ -192,9 +191,9 @@ def test_shipped_deeplab_configs_validate_and_build():
   for preset in ("", "large"):
     c = deeplabv3plus.get_config(preset)
     config_lib.validate(c)
-    assert isinstance(registry.build_model(c), DeepLabV3Plus)
-  assert registry.input_divisor(deeplabv3plus.get_config()) == 8
-  assert registry.input_divisor(deeplabv3plus.get_config("large")) == 16
+    assert isinstance(models.build_model(c), DeepLabV3Plus)
+  assert models.input_multiple(deeplabv3plus.get_config()) == 8
+  assert models.input_multiple(deeplabv3plus.get_config("large")) == 16
 
 
 # ---------------------------------------------------------------------------- init_from

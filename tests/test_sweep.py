@@ -334,10 +334,10 @@ def test_tiny_sweep_end_to_end(data_dir, tmp_path, monkeypatch):
                                                 if "wall_seconds" in r) > 0
   # Parameters of the tiny U-Net with resize upsampling, counted from the model's shapes.
   import jax
-  from seg_jax.models import registry
+  from seg_jax import models
   config = tiny_config(data_dir)
   config.model.upsample = "resize"
-  model = registry.build_model(config)
+  model = models.build_model(config)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
                           jax.ShapeDtypeStruct((1, 32, 32, 3), jax.numpy.float32))
   assert int(row["num_params"]) == sum(int(np.prod(x.shape))

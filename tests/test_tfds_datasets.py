@@ -83,8 +83,7 @@ def _set_splits(builder, splits, num_examples):
 
 
 def _config(data_dir, name, num_classes, **dataset):
-  c = tiny_config(data_dir)
-  c.dataset.name = name
+  c = config_lib.with_dataset(tiny_config(data_dir), name)
   c.dataset.num_classes = num_classes
   c.dataset.cache = False
   c.batch_size = 4

@@ -18,9 +18,10 @@ background).
 
 from __future__ import annotations
 
-import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from seg_jax.data import transforms
+from seg_jax import registry
+from seg_jax.data.errors import DataError
 
 SOURCE = "coco/2017_panoptic"
 NUM_THING_CLASSES = 80
@@ -35,8 +36,10 @@ def class_names(builder) -> list[str]:
   return ["background"] + list(names[:NUM_THING_CLASSES])
 
 
-def segment_ids(panoptic_image: tf.Tensor) -> tf.Tensor:
-  """int32 [H, W] segment ids of an RGB panoptic PNG [H, W, 3]."""
+def segment_ids(panoptic_image):
+  """int32 [H, W] segment ids of an RGB panoptic PNG [H, W, 3] (a tf.Tensor)."""
+  # TensorFlow is imported where the input pipeline runs, not where configs are checked.
+  import tensorflow as tf
   rgb = tf.cast(panoptic_image, tf.int32)
   return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
@@ -44,6 +47,8 @@ def segment_ids(panoptic_image: tf.Tensor) -> tf.Tensor:
 def decode(example: dict, max_instances: int) -> dict:
   """Stored example -> {'image', 'mask', 'instance_masks' [M, H, W], 'classes' [M],
   'num_instances', 'id'} (see pipeline's decoders)."""
+  import tensorflow as tf
+  from seg_jax.data import transforms
   objects = example["panoptic_objects"]
   label = tf.cast(objects["label"], tf.int32)
   keep = (label < NUM_THING_CLASSES) & tf.logical_not(objects["is_crowd"])
@@ -56,3 +61,20 @@ def decode(example: dict, max_instances: int) -> dict:
   instance_masks, padded_classes, count = transforms.pad_instances(masks, classes, max_instances)
   return {"image": example["image"], "mask": semantic, "instance_masks": instance_masks,
           "classes": padded_classes, "num_instances": count, "id": example["image/filename"]}
+
+
+def _prepare(config, data_dir: str | None):
+  """COCO 2017 instances (TFDS coco/2017_panoptic), prepared in data_dir if dataset.download."""
+  builder = tfds.builder(SOURCE, data_dir=data_dir)
+  if not builder.is_prepared():
+    if not config.dataset.download:
+      raise DataError(f"{SOURCE} is not prepared in {builder.data_dir}: {HOW_TO_GET}")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False))
+  return builder, class_names(builder)
+
+
+ENTRY = registry.register_dataset(registry.DatasetEntry(
+    name="coco", defaults={"download": False}, prepare=_prepare, num_classes=(NUM_CLASSES,),
+    default_num_classes=NUM_CLASSES, has_instances=True, decode=decode,
+    description="COCO 2017 instances (TFDS coco/2017_panoptic)"))

@@ -170,6 +170,17 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / float(np.iinfo(image.dtype).max)
 
 
+# What every model sees: pixels scaled by their type's range (not the image's) to [0, 1], then
+# to [-1, 1]. Recorded in each workdir (WORKDIR/model.json) for use outside seg_jax.
+NORMALIZATION = {"formula": "x / dtype_max * 2 - 1", "range": [-1.0, 1.0],
+                 "dtype_max": {"uint8": 255, "uint16": 65535}}
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+  """uint8/uint16 pixels -> float32 model input in [-1, 1] (see NORMALIZATION)."""
+  return to_unit_range(image) * 2 - 1
+
+
 def convert_channels(image: np.ndarray, channels: int, *, path: str = "image") -> np.ndarray:
   """[H, W, C] -> [H, W, channels]: grey promoted to RGB, RGB reduced to grey.
 

@@ -36,9 +36,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from seg_jax import config as config_lib
-from seg_jax.data import coco
-from seg_jax.data import standard
+from seg_jax import parallel
+from seg_jax import registry
 from seg_jax.data import transforms
 from seg_jax.data.errors import DataError
 
@@ -60,83 +59,21 @@ def _input_options() -> tf.data.Options:
   return options
 
 
-def _shapes(config: ml_collections.ConfigDict, data_dir: str | None):
-  from seg_jax.data.builders import shapes
-  d = config.dataset
-  builder = shapes.shapes_builder(
-      data_dir=data_dir, image_size=d.image_size, num_train=d.num_train,
-      num_validation=d.num_validation, num_test=d.num_test, seed=d.seed)
-  return shapes.prepare(builder), list(shapes.CLASS_NAMES)
-
-
-def _folder(config: ml_collections.ConfigDict, data_dir: str | None):
-  from seg_jax.data.builders import folder
-  d = config.dataset
-  return folder.prepare_folder(
-      d.root, data_dir=data_dir, num_classes=d.num_classes, ignore_label=d.ignore_label,
-      channels=d.channels, split_seed=d.split_seed, validation_fraction=d.validation_fraction,
-      test_fraction=d.test_fraction)
-
-
-def _ade20k(config: ml_collections.ConfigDict, data_dir: str | None):
-  from seg_jax.data.builders import folder
-  builder, _ = folder.prepare_folder(
-      config.dataset.root, data_dir=data_dir, num_classes=config.dataset.num_classes,
-      ignore_label=config.dataset.ignore_label, channels=3, layout="ade20k",
-      raw_num_classes=standard.ADE20K_RAW_CLASSES)
-  return builder, standard.class_names("ade20k", config.dataset.num_classes)
-
-
-def _tfds_dataset(config: ml_collections.ConfigDict, data_dir: str | None):
-  """A dataset of the TFDS catalogue, prepared in data_dir (only when dataset.download is set)."""
-  d = config.dataset
-  spec = standard.DATASETS[d.name]
-  builder = tfds.builder(spec.source, data_dir=data_dir)
-  if not builder.is_prepared():
-    if not d.download:
-      raise DataError(f"{spec.source} is not prepared in {builder.data_dir}: {spec.how_to_get}")
-    manual = os.path.expanduser(d.manual_dir) if d.manual_dir else None
-    try:
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=manual, try_download_gcs=False))
-    except AssertionError as e:  # TFDS: manual files missing
-      raise DataError(f"{spec.source}: {' '.join(str(e).split())}; {spec.how_to_get}") from None
-  return builder, standard.class_names(d.name, d.num_classes)
-
-
-def _coco(config: ml_collections.ConfigDict, data_dir: str | None):
-  """COCO 2017 instances (TFDS coco/2017_panoptic), prepared in data_dir if dataset.download."""
-  builder = tfds.builder(coco.SOURCE, data_dir=data_dir)
-  if not builder.is_prepared():
-    if not config.dataset.download:
-      raise DataError(f"{coco.SOURCE} is not prepared in {builder.data_dir}: {coco.HOW_TO_GET}")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False))
-  return builder, coco.class_names(builder)
-
-
-# dataset.name -> (config, data_dir) -> (prepared TFDS builder, class names)
-DATASETS = {"shapes": _shapes, "folder": _folder, "oxford_iiit_pet": _tfds_dataset,
-            "cityscapes": _tfds_dataset, "ade20k": _ade20k, "coco": _coco}
-
-
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The dataset's TFDS builder, prepared (generated or read from cache)."""
   return prepare_dataset(config)[0]
 
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder, list[str]]:
-  """(prepared TFDS builder, class names) of `config.dataset`."""
-  if config.dataset.name not in DATASETS:
-    raise ValueError(f"unknown dataset {config.dataset.name!r}; allowed: {', '.join(DATASETS)}")
+  """(prepared TFDS builder, class names) of `config.dataset` (its registry entry prepares it)."""
+  entry = registry.dataset_entry(config.dataset.name)
   data_dir = os.path.expanduser(config.dataset.data_dir) if config.dataset.data_dir else None
-  return DATASETS[config.dataset.name](config, data_dir)
+  return entry.prepare(config, data_dir)
 
 
 def _feature_keys(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
   """(image, mask, id) feature names of the stored examples."""
-  spec = standard.DATASETS.get(config.dataset.name)
-  return (spec.image_key, spec.mask_key, spec.id_key) if spec else ("image", "mask", "id")
+  return registry.dataset_entry(config.dataset.name).feature_keys
 
 
 def image_channels(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> int:
@@ -147,15 +84,12 @@ def image_channels(config: ml_collections.ConfigDict, builder: tfds.core.Dataset
 def _decoder(config: ml_collections.ConfigDict):
   """Stored example -> {'image': uint8/uint16 [H, W, C], 'mask': int32 [H, W] class ids, 'id'},
   and for instance tasks 'instance_masks' [M, H, W], 'classes' [M] and 'num_instances'."""
-  if config.dataset.name == "coco":
-    return lambda example: coco.decode(example, config.dataset.max_instances)
-  image_key, mask_key, id_key = _feature_keys(config)
-  table = None
-  if config.dataset.name in standard.DATASETS:
-    table = standard.label_table(config.dataset.name, config.dataset.num_classes,
-                                 config.dataset.ignore_label)
-
-  instances = config_lib.task(config) == "instance"
+  entry = registry.dataset_entry(config.dataset.name)
+  if entry.decode is not None:
+    return lambda example: entry.decode(example, config.dataset.max_instances)
+  image_key, mask_key, id_key = entry.feature_keys
+  table = entry.label_table(config) if entry.label_table is not None else None
+  instances = registry.model_entry(config.model.name).task == "instance"
 
   def decode(example):
     mask = tf.cast(example[mask_key][..., 0], tf.int32)
@@ -271,7 +205,6 @@ def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict) -> Ite
 def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, *,
                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Endless augmented training batches of this host, starting at `start_step`."""
-  from seg_jax import parallel
   d = config.dataset
   host_batch = parallel.per_host_batch_size(config.batch_size)
   # Every process walks the same global stream and keeps only its rows of each
@@ -305,7 +238,6 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
 def num_eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
                      split: str) -> int:
   """Batches per host so that the host with the most examples sees all of them."""
-  from seg_jax import parallel
   total = builder.info.splits[split].num_examples
   per_host = math.ceil(total / jax.process_count())
   return math.ceil(per_host / parallel.per_host_batch_size(config.batch_size))
@@ -318,7 +250,6 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   All hosts yield the same number of batches (`num_eval_batches`), as the
   jitted eval step needs every host to take part in every step.
   """
-  from seg_jax import parallel
   d = config.dataset
   check_split(config, builder, split)
   host_batch = parallel.per_host_batch_size(config.batch_size)

@@ -25,9 +25,14 @@ Values a dataset does not define also map to `ignore_label`.
 
 from __future__ import annotations
 
-import dataclasses
+import os
 
 import numpy as np
+import tensorflow_datasets as tfds
+
+from seg_jax import registry
+from seg_jax.data.builders import folder
+from seg_jax.data.errors import DataError
 
 PET_CLASSES = ("background", "pet", "border")
 
@@ -61,40 +66,6 @@ ADE20K_CLASSES = (
     "monitor", "bulletin_board", "shower", "radiator", "glass", "clock", "flag")
 
 
-@dataclasses.dataclass(frozen=True)
-class StandardDataset:
-  """How to read one standard dataset."""
-  name: str                       # dataset.name
-  source: str                     # TFDS name (with config), or 'ade20k' for the folder reader
-  image_key: str                  # feature names in the stored examples
-  mask_key: str
-  id_key: str
-  num_classes: tuple[int, ...]    # allowed dataset.num_classes
-  eval_split: str
-  how_to_get: str                 # shown when the data is not prepared
-
-
-DATASETS = {
-    "oxford_iiit_pet": StandardDataset(
-        name="oxford_iiit_pet", source="oxford_iiit_pet", image_key="image",
-        mask_key="segmentation_mask", id_key="file_name", num_classes=(2, 3), eval_split="test",
-        how_to_get="add --config.dataset.download=True once to download (about 800 MB) and "
-                   "prepare it with TFDS"),
-    "cityscapes": StandardDataset(
-        name="cityscapes", source="cityscapes/semantic_segmentation", image_key="image_left",
-        mask_key="segmentation_label", id_key="image_id", num_classes=(19,),
-        eval_split="validation",
-        how_to_get="register at https://www.cityscapes-dataset.com, download "
-                   "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into one folder, "
-                   "then add --config.dataset.manual_dir=THAT_FOLDER --config.dataset.download=True "
-                   "once (TFDS extracts and prepares them; nothing is fetched from the network)"),
-    "ade20k": StandardDataset(
-        name="ade20k", source="ade20k", image_key="image", mask_key="mask", id_key="id",
-        num_classes=(150,), eval_split="validation",
-        how_to_get="download ADEChallengeData2016.zip from the MIT Scene Parsing benchmark, "
-                   "extract it and pass --config.dataset.root=.../ADEChallengeData2016"),
-}
-
 ADE20K_RAW_CLASSES = 151  # stored values 0..150
 
 
@@ -123,3 +94,81 @@ def label_table(name: str, num_classes: int, ignore_label: int, size: int = 256)
   else:
     raise KeyError(name)
   return table
+
+
+# ---------------------------------------------------------------------------- dataset entries
+
+PET_HOW_TO_GET = ("add --config.dataset.download=True once to download (about 800 MB) and "
+                  "prepare it with TFDS")
+CITYSCAPES_HOW_TO_GET = (
+    "register at https://www.cityscapes-dataset.com, download leftImg8bit_trainvaltest.zip and "
+    "gtFine_trainvaltest.zip into one folder, then add --config.dataset.manual_dir=THAT_FOLDER "
+    "--config.dataset.download=True once (TFDS extracts and prepares them; nothing is fetched "
+    "from the network)")
+
+
+def prepare_tfds(source: str, config, data_dir: str | None, how_to_get: str):
+  """The TFDS catalogue dataset `source`, prepared in data_dir (only when dataset.download)."""
+  d = config.dataset
+  builder = tfds.builder(source, data_dir=data_dir)
+  if not builder.is_prepared():
+    if not d.download:
+      raise DataError(f"{source} is not prepared in {builder.data_dir}: {how_to_get}")
+    manual = os.path.expanduser(d.manual_dir) if d.get("manual_dir") else None
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=manual, try_download_gcs=False))
+    except AssertionError as e:  # TFDS: manual files missing
+      raise DataError(f"{source}: {' '.join(str(e).split())}; {how_to_get}") from None
+  return builder
+
+
+def _table(name: str):
+  return lambda config: label_table(name, config.dataset.num_classes, config.dataset.ignore_label)
+
+
+def _prepare_pets(config, data_dir):
+  builder = prepare_tfds("oxford_iiit_pet", config, data_dir, PET_HOW_TO_GET)
+  return builder, class_names("oxford_iiit_pet", config.dataset.num_classes)
+
+
+def _prepare_cityscapes(config, data_dir):
+  builder = prepare_tfds("cityscapes/semantic_segmentation", config, data_dir,
+                         CITYSCAPES_HOW_TO_GET)
+  return builder, class_names("cityscapes", config.dataset.num_classes)
+
+
+def _prepare_ade20k(config, data_dir):
+  builder, _ = folder.prepare_folder(
+      config.dataset.root, data_dir=data_dir, num_classes=config.dataset.num_classes,
+      ignore_label=config.dataset.ignore_label, channels=3, layout="ade20k",
+      raw_num_classes=ADE20K_RAW_CLASSES)
+  return builder, class_names("ade20k", config.dataset.num_classes)
+
+
+def _check_ade20k(config) -> None:
+  if not config.dataset.root:
+    registry.fail("dataset.root", config.dataset.root,
+                  "dataset.name='ade20k' needs the extracted ADEChallengeData2016 folder")
+
+
+DOWNLOAD_KEY = {"download": False}  # prepare with TFDS if absent (downloads: only when set)
+
+PETS = registry.register_dataset(registry.DatasetEntry(
+    name="oxford_iiit_pet", defaults=DOWNLOAD_KEY, prepare=_prepare_pets, num_classes=(2, 3),
+    default_num_classes=3, eval_split="test",
+    feature_keys=("image", "segmentation_mask", "file_name"), label_table=_table("oxford_iiit_pet"),
+    description="Oxford-IIIT Pet trimaps (TFDS)"))
+CITYSCAPES = registry.register_dataset(registry.DatasetEntry(
+    name="cityscapes",
+    defaults={**DOWNLOAD_KEY,
+              "manual_dir": ""},  # the folder with the manually downloaded zips
+    prepare=_prepare_cityscapes, num_classes=(19,), default_num_classes=19,
+    feature_keys=("image_left", "segmentation_label", "image_id"), label_table=_table("cityscapes"),
+    description="Cityscapes fine annotations, 19 classes (TFDS, manual download)"))
+ADE20K = registry.register_dataset(registry.DatasetEntry(
+    name="ade20k",
+    defaults={"root": ""},  # the extracted ADEChallengeData2016/ folder
+    prepare=_prepare_ade20k, num_classes=(150,), default_num_classes=150,
+    label_table=_table("ade20k"), check=_check_ade20k,
+    description="ADE20K SceneParse150 (the extracted ADEChallengeData2016.zip)"))

@@ -28,17 +28,17 @@ def to_unit_range(image: tf.Tensor) -> tf.Tensor:
   raise TypeError(f"expected a uint8 or uint16 image, got {image.dtype!r}")
 
 
-def normalize_image(image: tf.Tensor) -> tf.Tensor:
-  """uint8/uint16 pixels -> float32 in [-1, 1]: `to_unit_range(x) * 2 - 1`.
+def unit_to_model_range(image: tf.Tensor) -> tf.Tensor:
+  """[0, 1] -> the models' input range [-1, 1] (`image_io.MODEL_INPUT_RANGE`).
 
-  The same arithmetic as `image_io.to_unit_range(x) * 2 - 1` in numpy (inference),
-  so training, eval and prediction see bit-identical inputs.
+  The same arithmetic as `image_io.normalize` in numpy (inference), so
+  training, eval and prediction see bit-identical inputs.
   """
-  return to_unit_range(image) * 2.0 - 1.0
+  return image * 2.0 - 1.0
 
 
 def denormalize_image(image: np.ndarray) -> np.ndarray:
-  """Inverse of `normalize_image` on the host, for pictures: float [-1, 1] -> uint8."""
+  """Inverse of the normalisation on the host, for pictures: float [-1, 1] -> uint8."""
   return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
@@ -193,7 +193,7 @@ def train_augment(image, mask, seed, *, aug: ml_collections.ConfigDict, size: in
   image, mask = random_flips(image, mask, seeds[1], horizontal=aug.hflip, vertical=aug.vflip)
   image = color_jitter(image, seeds[2], brightness=aug.brightness, contrast=aug.contrast,
                        saturation=aug.saturation, hue=aug.hue)
-  return image * 2.0 - 1.0, mask
+  return unit_to_model_range(image), mask
 
 
 def eval_view(image, mask, *, canvas: tuple[int, int], ignore_label: int, resize: int = 0):
@@ -205,7 +205,7 @@ def eval_view(image, mask, *, canvas: tuple[int, int], ignore_label: int, resize
   image = to_unit_range(image)
   image, mask = resize_shorter_side(image, mask, resize)
   image, mask = pad_to_canvas(image, mask, canvas, ignore_label=ignore_label)
-  return image * 2.0 - 1.0, mask
+  return unit_to_model_range(image), mask
 
 
 # ---------------------------------------------------------------------------- instances

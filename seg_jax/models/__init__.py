@@ -1,6 +1,54 @@
-"""Segmentation models (flax linen) and their registry."""
+"""Segmentation models (flax linen): `build_model(config)` builds any registered model.
 
+Each model family's module registers its entry (`seg_jax.registry.ModelEntry`)
+when imported; importing this package registers the built-in ones.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections
+
+from seg_jax import losses
+from seg_jax import registry
+from seg_jax.models import deeplab  # registers deeplabv3plus
+from seg_jax.models import unet  # registers unet
+from seg_jax.models.detection import mask_rcnn  # registers mask_rcnn, faster_rcnn
+
+RUN_KEYS = ("name", "init_from")  # config.model keys that are not the module's fields
+
+
+def _as_field(value):
+  """Config values as module fields: lists (a config read back from JSON) become tuples."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_as_field(v) for v in value)
+  return value
+
+
+def num_logits(config: ml_collections.ConfigDict) -> int:
+  """One logit for binary tasks trained with BCE, else one per class."""
+  terms = losses.parse_loss_name(str(config.loss.name))
+  return 1 if "bce" in terms else config.dataset.num_classes
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The module of `config.model.name`, called with config.model's keys and the run's dtype and
+  output size (see `registry.ModelEntry`)."""
+  entry = registry.model_entry(config.model.name)
+  fields = {k: _as_field(v) for k, v in config.model.items() if k not in RUN_KEYS}
+  run = {"dtype": jnp.dtype(config.dtype)}
+  if entry.task == "semantic":
+    run["num_logits"] = num_logits(config)
+  else:
+    run["num_classes"] = config.dataset.num_classes - 1  # object classes; 0 is background
+  return entry.module(**fields, **entry.fixed, **run)
+
+
+def input_multiple(config: ml_collections.ConfigDict) -> int:
+  """The model's input height and width must be multiples of this."""
+  return registry.model_entry(config.model.name).input_multiple(config.model)
 
 
 def init_key(seed: int) -> jax.Array:

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seg_jax import registry
 from seg_jax.models import layers
 from seg_jax.models import resnet
 
@@ -46,7 +47,8 @@ class ASPP(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     conv = lambda kernel, dilation=1, name=None: layers.ConvNormAct(
-        self.features, kernel, self.norm, self.norm_groups, self.dtype, dilation, name=name)
+        features=self.features, kernel_size=kernel, norm=self.norm, norm_groups=self.norm_groups,
+        dtype=self.dtype, dilation=dilation, name=name)
     branches = [conv(1, name="conv1x1")(x, train=train)]
     for rate in self.rates:
       branches.append(conv(3, rate, name=f"atrous{rate}")(x, train=train))
@@ -63,18 +65,20 @@ class DeepLabV3Plus(nn.Module):
 
   H and W must be multiples of `resnet.input_divisor(output_stride, stem)`.
   """
-  num_logits: int
-  backbone: str = "resnet50"
-  width: int = 64
-  output_stride: int = 16
-  stem: str = "imagenet"
+  num_logits: int = 1
+  backbone: str = "resnet50"      # a ResNet (resnet.RESNETS)
+  width: int = 64                 # the ResNet's stage-1 width (64 in the standard networks)
+  output_stride: int = 16         # stride of the last map: 8 | 16 (atrous last stages) | 32;
+                                  # with stem small_stride2: 4 | 8 | 16
+  stem: str = "imagenet"          # imagenet (7x7/2 + max pool) | small | small_stride2
   aspp_features: int = 256
-  aspp_rates: Sequence[int] = (6, 12, 18)
-  image_pooling: bool = True
-  low_level_features: int = 48
-  low_level: str = "c2"
+  aspp_rates: Sequence[int] = (6, 12, 18)  # atrous rates of the 3x3 ASPP branches
+  image_pooling: bool = True      # the ASPP's global-average branch
+  low_level_features: int = 48    # channels of the fused low-level map after its 1x1 conv
+  low_level: str = "c2"           # the map the decoder fuses: c2 (stride 4, as in the paper) |
+                                  # c1 (stride 2: finer masks on small images)
   decoder_features: int = 256
-  dropout: float = 0.0
+  dropout: float = 0.0            # after the ASPP
   norm: str = "batch"
   norm_groups: int = 8
   dtype: Any = jnp.float32
@@ -86,11 +90,15 @@ class DeepLabV3Plus(nn.Module):
       raise ValueError(f"DeepLabv3+ at output stride {self.output_stride} needs H and W "
                        f"divisible by {divisor}, got {x.shape[1:3]}")
     height, width = x.shape[1:3]
-    features = resnet.ResNet(self.backbone, self.width, self.output_stride, self.stem, self.norm,
-                             self.norm_groups, self.dtype, name="backbone")(x, train=train)
-    y = ASPP(self.aspp_features, tuple(self.aspp_rates), self.image_pooling, self.dropout,
-             self.norm, self.norm_groups, self.dtype, name="aspp")(features["c5"], train=train)
-    conv = lambda f, k, name: layers.ConvNormAct(f, k, self.norm, self.norm_groups, self.dtype,
+    features = resnet.ResNet(arch=self.backbone, width=self.width,
+                             output_stride=self.output_stride, stem=self.stem, norm=self.norm,
+                             norm_groups=self.norm_groups, dtype=self.dtype,
+                             name="backbone")(x, train=train)
+    y = ASPP(features=self.aspp_features, rates=tuple(self.aspp_rates),
+             image_pooling=self.image_pooling, dropout=self.dropout, norm=self.norm,
+             norm_groups=self.norm_groups, dtype=self.dtype, name="aspp")(features["c5"], train=train)
+    conv = lambda f, k, name: layers.ConvNormAct(features=f, kernel_size=k, norm=self.norm,
+                                                 norm_groups=self.norm_groups, dtype=self.dtype,
                                                  name=name)
     low = conv(self.low_level_features, 1, "low_level")(features[self.low_level], train=train)
     y = _resize(y, *low.shape[1:3])
@@ -99,3 +107,36 @@ class DeepLabV3Plus(nn.Module):
     y = conv(self.decoder_features, 3, "decoder2")(y, train=train)
     logits = layers.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(y)
     return _resize(logits.astype(jnp.float32), height, width)
+
+
+LOW_LEVELS = ("c1", "c2")
+
+
+def _check(config) -> None:
+  m = config.model
+  resnet.check_backbone(m, widths={f"model.{k}": m[k] for k in (
+      "aspp_features", "low_level_features", "decoder_features")})
+  strides = resnet.output_strides(m.stem)
+  if m.output_stride not in strides:
+    registry.fail("model.output_stride", m.output_stride,
+                  f"must be one of {', '.join(map(str, strides))} with model.stem={m.stem!r}")
+  registry.check_choice("model.low_level", m.low_level, LOW_LEVELS)
+  rates = m.aspp_rates
+  if (not isinstance(rates, (tuple, list))
+      or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in rates)):
+    registry.fail("model.aspp_rates", rates, "must be a tuple of integers >= 1, e.g. (6, 12, 18)")
+  for key in ("aspp_features", "low_level_features", "decoder_features"):
+    registry.check_int(f"model.{key}", m[key])
+  if not isinstance(m.image_pooling, bool):
+    registry.fail("model.image_pooling", m.image_pooling, "must be True or False")
+  registry.check_fraction("model.dropout", m.dropout, closed=False)
+
+
+ENTRY = registry.register_model(registry.ModelEntry(
+    name="deeplabv3plus", module=DeepLabV3Plus,
+    defaults=registry.field_defaults(DeepLabV3Plus, exclude=("num_logits", "dtype")),
+    input_multiple=lambda m: resnet.input_divisor(m.output_stride, m.stem),
+    input_multiple_reason=lambda m: (f"the input multiple of deeplabv3plus at "
+                                     f"model.output_stride={m.output_stride}"),
+    check=_check,
+    description="DeepLabv3+ on an atrous ResNet"))

@@ -9,8 +9,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seg_jax import registry
 from seg_jax.models import batch_norm
 from seg_jax.ops import conv as conv_ops
+
+NORMS = ("batch", "group", "none")
+UPSAMPLINGS = ("transpose", "resize")
 
 # Every convolution of every model: flax's Conv (same parameters and names), computed by
 # seg_jax/ops/conv.py, which runs oneDNN's kernels on a single CPU device.
@@ -115,9 +119,21 @@ class ResizeUpsample2x(nn.Module):
     return Conv(self.features, (3, 3), dtype=self.dtype, name="conv")(x)
 
 
-def make_upsample(kind: str, features: int, dtype: Any = jnp.float32) -> nn.Module:
+def make_upsample(kind: str, features: int, dtype: Any = jnp.float32, name: str | None = None
+                  ) -> nn.Module:
   if kind == "transpose":
-    return LearnedUpsample2x(features, dtype=dtype)
+    return LearnedUpsample2x(features=features, dtype=dtype, name=name)
   if kind == "resize":
-    return ResizeUpsample2x(features, dtype=dtype)
-  raise ValueError(f"unknown upsampling {kind!r}; allowed: transpose, resize")
+    return ResizeUpsample2x(features=features, dtype=dtype, name=name)
+  raise ValueError(f"unknown upsampling {kind!r}; allowed: {', '.join(UPSAMPLINGS)}")
+
+
+def check_norm(model_config, widths: dict[str, int]) -> None:
+  """ConfigError unless `model.norm` is known and, for group norm, `model.norm_groups` divides
+  every channel count in `widths` ({description: channels})."""
+  registry.check_choice("model.norm", model_config.norm, NORMS)
+  registry.check_int("model.norm_groups", model_config.norm_groups)
+  if model_config.norm == "group":
+    for key, value in widths.items():
+      if value % model_config.norm_groups:
+        registry.fail("model.norm_groups", model_config.norm_groups, f"must divide {key}={value}")

@@ -30,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from seg_jax import registry
 from seg_jax.models import layers
 
 # name -> (block, blocks per stage)
@@ -207,11 +208,27 @@ class ResNet(nn.Module):
         # The first block of a stage keeps the previous stage's dilation, as in DeepLab's
         # atrous ResNet (torchvision's replace_stride_with_dilation), to avoid gridding.
         first_dilation = dilations[stage - 1] if stage else dilation
-        x = block_cls(self.width * 2 ** stage, stride if i == 0 else 1,
-                      first_dilation if i == 0 else dilation, self.norm, self.norm_groups,
-                      self.dtype, name=f"stage{stage + 1}_block{i + 1}")(x, train=train)
+        x = block_cls(features=self.width * 2 ** stage, stride=stride if i == 0 else 1,
+                      dilation=first_dilation if i == 0 else dilation, norm=self.norm,
+                      norm_groups=self.norm_groups, dtype=self.dtype,
+                      name=f"stage{stage + 1}_block{i + 1}")(x, train=train)
       features[f"c{stage + 2}"] = x
     return features
+
+
+def check_backbone(model_config, *, widths: dict[str, int] | None = None) -> None:
+  """ConfigError unless model.backbone is a ResNet, model.stem one of STEMS and the norm fits
+  its widths (and `widths`, more of the model's channel counts)."""
+  m = model_config
+  if m.backbone not in RESNETS:
+    registry.fail("model.backbone", m.backbone,
+                  f"{m.name} needs a ResNet: one of {', '.join(RESNETS)}")
+  registry.check_choice("model.stem", m.stem, STEMS)
+  registry.check_int("model.width", m.width)
+  own = {"model.width": m.width}
+  if m.stem in ("small", "small_stride2"):
+    own["model.width / 2 (the small stem's first conv)"] = m.width // 2
+  layers.check_norm(m, {**own, **(widths or {})})
 
 
 def input_divisor(output_stride: int, stem: str = "imagenet") -> int:

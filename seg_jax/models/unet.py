@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from seg_jax import registry
 from seg_jax.models import layers
 from seg_jax.models import resnet
 
@@ -20,8 +21,10 @@ class DoubleConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    for _ in range(2):
-      x = layers.ConvNormAct(self.features, 3, self.norm, self.norm_groups, self.dtype)(x, train=train)
+    for i in range(2):
+      x = layers.ConvNormAct(features=self.features, kernel_size=3, norm=self.norm,
+                             norm_groups=self.norm_groups, dtype=self.dtype,
+                             name=f"conv{i + 1}")(x, train=train)
     return x
 
 
@@ -43,16 +46,16 @@ class UNet(nn.Module):
   segmentation_models_pytorch), and a last upsampling to the input size
   without a skip. H and W divisible by c5's stride.
   """
-  num_logits: int
-  width: int = 32
-  depth: int = 4
-  norm: str = "batch"
-  norm_groups: int = 8
-  upsample: str = "transpose"
-  dropout: float = 0.0
+  num_logits: int = 1
+  width: int = 32                 # channels at the first level, doubled per level
+  depth: int = 4                  # number of 2x downsamplings (classic encoder)
+  norm: str = "batch"             # batch | group | none
+  norm_groups: int = 8            # groups of group norm
+  upsample: str = "transpose"     # transpose (learned 2x2/2) | resize (bilinear + 3x3 conv)
+  dropout: float = 0.0            # at the bottleneck and after each decoder level
   dtype: Any = jnp.float32
-  backbone: str = ""
-  stem: str = "imagenet"
+  backbone: str = ""              # '' = the classic encoder, or a ResNet (resnet.RESNETS)
+  stem: str = "imagenet"          # the ResNet's stem (resnet.STEMS)
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -60,34 +63,43 @@ class UNet(nn.Module):
     if x.shape[1] % divisor or x.shape[2] % divisor:
       raise ValueError(f"this U-Net needs H and W divisible by {divisor}, got {x.shape[1:3]}")
     x = x.astype(self.dtype)
-    block = lambda f: DoubleConv(f, self.norm, self.norm_groups, self.dtype)
+    block = lambda features, name: DoubleConv(features=features, norm=self.norm,
+                                              norm_groups=self.norm_groups, dtype=self.dtype,
+                                              name=name)
     if self.backbone:
       x, skips, widths = self._resnet_encoder(x, train)
     else:
       skips = []
       for level in range(self.depth):
-        x = block(self.width * 2 ** level)(x, train=train)
+        x = block(self.width * 2 ** level, f"down{level}")(x, train=train)
         skips.append(x)
         x = layers.max_pool_2x2(x)
-      x = block(self.width * 2 ** self.depth)(x, train=train)
+      x = block(self.width * 2 ** self.depth, "bottom")(x, train=train)
       widths = [self.width * 2 ** level for level in range(self.depth)]
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for level in reversed(range(len(widths))):
       features = widths[level]
-      x = layers.make_upsample(self.upsample, features, self.dtype)(x)
+      x = layers.make_upsample(self.upsample, features, self.dtype, name=f"upsample{level}")(x)
       if skips[level] is not None:
-        x = jnp.concatenate([skips[level], x], axis=-1)
-      x = block(features)(x, train=train)
+        x = jnp.concatenate([self.skip(skips[level], level), x], axis=-1)
+      x = block(features, f"up{level}")(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     logits = layers.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(x)
     return logits.astype(jnp.float32)
+
+  def skip(self, features: jnp.ndarray, level: int) -> jnp.ndarray:
+    """The encoder map of `level` as the decoder receives it (a method, so that a test can
+    intercept it and show the decoder depends on it)."""
+    del level
+    return features
 
   def _resnet_encoder(self, x, train):
     """The bottom map (c5), a skip per decoder level (stride 2**level; None where the ResNet has
     no map of that stride) and the decoder widths."""
     natural = resnet.output_strides(self.stem)[-1]
-    features = resnet.ResNet(self.backbone, self.width, natural, self.stem, self.norm,
-                             self.norm_groups, self.dtype, name="encoder")(x, train=train)
+    features = resnet.ResNet(arch=self.backbone, width=self.width, output_stride=natural,
+                             stem=self.stem, norm=self.norm, norm_groups=self.norm_groups,
+                             dtype=self.dtype, name="encoder")(x, train=train)
     by_stride = {stride: features[name]
                  for name, stride in resnet.feature_strides(natural, self.stem).items()}
     levels = natural.bit_length() - 1                    # log2: upsamplings back to stride 1
@@ -101,3 +113,26 @@ def input_divisor(depth: int, backbone: str = "", stem: str = "imagenet") -> int
   if backbone:
     return resnet.input_divisor(resnet.output_strides(stem)[-1], stem)
   return 2 ** depth
+
+
+def _check(config) -> None:
+  m = config.model
+  registry.check_int("model.width", m.width)
+  registry.check_int("model.depth", m.depth)
+  registry.check_choice("model.upsample", m.upsample, layers.UPSAMPLINGS)
+  if m.backbone not in ("", *resnet.RESNETS):
+    registry.fail("model.backbone", m.backbone, f"must be '' or one of {', '.join(resnet.RESNETS)}")
+  if m.backbone:
+    resnet.check_backbone(m)
+  else:
+    layers.check_norm(m, {"model.width": m.width})
+  registry.check_fraction("model.dropout", m.dropout, closed=False)
+
+
+ENTRY = registry.register_model(registry.ModelEntry(
+    name="unet", module=UNet, defaults=registry.field_defaults(UNet, exclude=("num_logits", "dtype")),
+    input_multiple=lambda m: input_divisor(m.depth, m.backbone, m.stem),
+    input_multiple_reason=lambda m: (f"the input multiple of a U-Net with a {m.backbone} encoder"
+                                     if m.backbone else f"2**model.depth={2 ** m.depth}"),
+    check=_check,
+    description="U-Net: the classic encoder, or a ResNet encoder (model.backbone)"))

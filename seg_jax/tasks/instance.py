@@ -18,6 +18,7 @@ import numpy as np
 
 from seg_jax import coco_eval
 from seg_jax import parallel
+from seg_jax import registry
 from seg_jax import visualize
 from seg_jax.data import transforms
 from seg_jax.models.detection import mask_rcnn
@@ -37,7 +38,7 @@ class InstanceTask:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.with_masks = config.model.name == "mask_rcnn"
+    self.with_masks = registry.model_entry(config.model.name).fixed.get("with_masks", False)
 
   # -------------------------------------------------------------- device (under jit)
 
@@ -45,7 +46,7 @@ class InstanceTask:
     """(total loss, {'loss_<term>': value, 'roi_foreground_fraction': ...}, new batch statistics)."""
     losses, updates = model.apply(variables, batch["image"], detector_targets(batch), train=True,
                                   mutable=["batch_stats"], rngs={"sampling": rng})
-    metrics = {f"loss_{k}": losses[k] for k in mask_rcnn.LOSS_TERMS if k in losses}
+    metrics = {f"loss_{k}": losses[k] for k in mask_rcnn.LOSS_PARTS if k in losses}
     metrics["roi_foreground_fraction"] = losses["roi_foreground_fraction"]
     return mask_rcnn.total_loss(losses), metrics, updates.get("batch_stats", {})
 
@@ -86,7 +87,7 @@ class InstanceTask:
     return "\n".join(lines)
 
   def picture(self, visuals: dict, class_names: list[str]) -> np.ndarray:
-    """image | ground truth | detections (score >= detection.visual_score_threshold) rows."""
+    """image | ground truth | detections (score >= config.visual_score_threshold) rows."""
     c = self.config
     truths, predictions = [], []
     for i in np.nonzero(visuals["valid"])[0]:
@@ -94,7 +95,7 @@ class InstanceTask:
       truths.append({"boxes": visuals["boxes"][i][real], "classes": visuals["classes"][i][real],
                      "masks": visuals["instance_masks"][i][real]})
       shown = visuals["det_valid"][i] & (
-          visuals["det_scores"][i] >= c.detection.visual_score_threshold)
+          visuals["det_scores"][i] >= c.visual_score_threshold)
       predictions.append({key: visuals[f"det_{key}"][i][shown]
                           for key in ("boxes", "classes", "scores", "masks")
                           if f"det_{key}" in visuals})

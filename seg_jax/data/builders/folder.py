@@ -57,6 +57,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from seg_jax import registry
 from seg_jax.data import image_io
 from seg_jax.data.errors import DataError
 
@@ -526,3 +527,42 @@ def prepare_folder(root: str, *, data_dir: str | None, num_classes: int, ignore_
   logging.info("Built %s: %s", builder.data_dir,
                ", ".join(f"{s} {len(e)}" for s, e in scan.splits.items()))
   return builder, scan.class_names
+
+
+# ---------------------------------------------------------------------------- dataset entry
+
+def _prepare_entry(config, data_dir: str | None):
+  d = config.dataset
+  return prepare_folder(
+      d.root, data_dir=data_dir, num_classes=d.num_classes, ignore_label=d.ignore_label,
+      channels=d.channels, split_seed=d.split_seed, validation_fraction=d.validation_fraction,
+      test_fraction=d.test_fraction)
+
+
+def _check_entry(config) -> None:
+  d = config.dataset
+  if not d.root:
+    registry.fail("dataset.root", d.root, "dataset.name='folder' needs the data folder")
+  for key in ("channels", "split_seed"):
+    registry.check_int(f"dataset.{key}", d[key], minimum=0)
+  fractions = (d.validation_fraction, d.test_fraction)
+  if (any(isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1
+          for f in fractions) or sum(fractions) >= 1):
+    registry.fail("dataset.validation_fraction", d.validation_fraction,
+                  f"validation_fraction and test_fraction={d.test_fraction} must be in [0, 1) "
+                  "with a sum < 1")
+
+
+ENTRY = registry.register_dataset(registry.DatasetEntry(
+    name="folder",
+    defaults={
+        "root": "",               # DIR with images/ and masks/ (paired by file stem), optional
+                                  # splits/ and classes.txt
+        "channels": 0,            # input channels; 0 = infer (all images must agree),
+                                  # 3 = grey promoted to RGB, 1 = RGB converted to grey
+        "split_seed": 0,          # without splits/: seed of the split by fraction
+        "validation_fraction": 0.1,  # without splits/: share of images per split
+        "test_fraction": 0.0,
+    },
+    prepare=_prepare_entry, check=_check_entry,
+    description="your images and masks in a folder (see the module docstring for the layout)"))

@@ -47,6 +47,8 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from seg_jax import registry
+
 CLASS_NAMES = ('background', 'disc', 'square', 'triangle', 'ring', 'cross')
 NUM_CLASSES = len(CLASS_NAMES)
 
@@ -546,3 +548,31 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
   """Generates the data of `builder` offline if it is not prepared yet."""
   builder.download_and_prepare(download_config=OFFLINE_DOWNLOAD_CONFIG)
   return builder
+
+
+# ---------------------------------------------------------------------------- dataset entry
+
+def _prepare_entry(config, data_dir: str | None):
+  d = config.dataset
+  builder = shapes_builder(
+      data_dir=data_dir, image_size=d.image_size, num_train=d.num_train,
+      num_validation=d.num_validation, num_test=d.num_test, seed=d.seed)
+  return prepare(builder), list(CLASS_NAMES)
+
+
+def _check_entry(config) -> None:
+  for key in ("num_train", "num_validation", "num_test", "seed"):
+    registry.check_int(f"dataset.{key}", config.dataset[key], minimum=0)
+
+
+ENTRY = registry.register_dataset(registry.DatasetEntry(
+    name="shapes",
+    defaults={
+        "seed": 0,              # which scenes are generated (fixed across training seeds)
+        "num_train": 2000,      # examples per split, generated at dataset.image_size
+        "num_validation": 200,
+        "num_test": 200,
+    },
+    prepare=_prepare_entry, num_classes=(NUM_CLASSES,), default_num_classes=NUM_CLASSES,
+    has_instances=True, check=_check_entry,
+    description="procedural scenes of discs, squares, triangles, rings and crosses (offline)"))

@@ -57,6 +57,7 @@ class ResNetFPN(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     if resnet.STEM_STRIDES[self.stem] != 4:
       raise ValueError(f"the FPN needs a stem of stride 4 (imagenet or small), got {self.stem!r}")
-    c = resnet.ResNet(self.backbone, self.width, 32, self.stem, self.norm, self.norm_groups,
-                      self.dtype, name="backbone")(x, train=train)
-    return FPN(self.features, self.dtype, name="fpn")(c)
+    c = resnet.ResNet(arch=self.backbone, width=self.width, output_stride=32, stem=self.stem,
+                      norm=self.norm, norm_groups=self.norm_groups, dtype=self.dtype,
+                      name="backbone")(x, train=train)
+    return FPN(features=self.features, dtype=self.dtype, name="fpn")(c)

@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seg_jax import registry
+from seg_jax.models import resnet
 from seg_jax.models.detection import anchors as anchor_ops
 from seg_jax.models.detection import fpn as fpn_ops
 from seg_jax.models.detection import postprocess
@@ -44,35 +46,43 @@ ROI_LEVELS = (2, 3, 4, 5)      # P2-P5 for RoIAlign
 
 
 class MaskRCNN(nn.Module):
-  num_classes: int                                   # K object classes (no background)
+  """A ResNet-FPN detector with fixed budgets: every one is a static shape, so each image is
+  given exactly this many anchors, proposals, RoIs and detections."""
+  num_classes: int = 1                               # K object classes (no background)
   with_masks: bool = True                            # False: Faster R-CNN
-  backbone: str = "resnet50"
-  width: int = 64
-  stem: str = "imagenet"
+  backbone: str = "resnet50"                         # a ResNet (resnet.RESNETS)
+  width: int = 64                                    # its stage-1 width
+  stem: str = "imagenet"                             # imagenet | small (both of stride 4)
   norm: str = "batch"
   norm_groups: int = 8
   fpn_features: int = 256
-  anchor_sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,))
-  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
-  rpn_pre_nms_topk: int = 2000                       # per level
-  rpn_post_nms_topk: int = 1000                      # per image
+  anchor_sizes: Sequence[float] = (32, 64, 128, 256, 512)  # anchor side of P2..P6, pixels
+  aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)   # anchor height / width
+  rpn_pre_nms_topk: int = 2000                       # proposals kept per level before NMS
+  rpn_post_nms_topk: int = 1000                      # proposals per image after NMS
   rpn_nms_threshold: float = 0.7
-  rpn_num_samples: int = 256
-  roi_num_samples: int = 512
+  rpn_num_samples: int = 256                         # anchors per image in the RPN loss
+  roi_num_samples: int = 512                         # RoIs per image in the second stage's losses
   roi_positive_fraction: float = 0.25
-  canonical_size: float = 224.0                      # RoI level assignment (FPN eq. 1)
-  box_head_hidden: int = 1024
-  mask_head_features: int = 256
-  mask_size: int = 28
-  score_threshold: float = 0.05
-  nms_threshold: float = 0.5
+  canonical_size: float = 224.0                      # RoI of this side pools from P4 (FPN eq. 1)
+  box_head_hidden: int = 1024                        # the two FC layers of the box head
+  mask_head_features: int = 256                      # the four 3x3 convs of the mask head
+  mask_size: int = 28                                # mask head output, per RoI and class
+  score_threshold: float = 0.05                      # inference: lowest class probability kept
+  nms_threshold: float = 0.5                         # inference: per-class NMS IoU
   detections_per_image: int = 100
   dtype: Any = jnp.float32
+
+  @property
+  def _level_sizes(self) -> tuple[tuple[float], ...]:
+    """One anchor size per pyramid level, in anchor_ops' per-level form."""
+    return tuple((float(s),) for s in self.anchor_sizes)
 
   def _anchors(self, pyramid: dict[str, jax.Array]):
     sizes = [pyramid[f"p{k}"].shape[1:3] for k in RPN_LEVELS]
     return anchor_ops.multilevel_anchors(sizes, strides=[2 ** k for k in RPN_LEVELS],
-                                         sizes=self.anchor_sizes, aspect_ratios=self.aspect_ratios)
+                                         sizes=self._level_sizes,
+                                         aspect_ratios=tuple(float(r) for r in self.aspect_ratios))
 
   def _pool(self, pyramid, boxes, size):
     return roi_ops.multilevel_roi_align(
@@ -82,10 +92,12 @@ class MaskRCNN(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, targets: dict | None = None, *, train: bool):
     image_size = images.shape[1:3]
-    pyramid = fpn_ops.ResNetFPN(self.backbone, self.width, self.stem, self.norm, self.norm_groups,
-                                self.fpn_features, self.dtype, name="backbone")(images, train=train)
+    pyramid = fpn_ops.ResNetFPN(backbone=self.backbone, width=self.width, stem=self.stem,
+                                norm=self.norm, norm_groups=self.norm_groups,
+                                features=self.fpn_features, dtype=self.dtype,
+                                name="backbone")(images, train=train)
     level_anchors = self._anchors(pyramid)
-    num_anchors = anchor_ops.num_anchors_per_cell(self.anchor_sizes[0], self.aspect_ratios)
+    num_anchors = anchor_ops.num_anchors_per_cell(self._level_sizes[0], self.aspect_ratios)
     logits, deltas = rpn_ops.RPNHead(num_anchors, self.dtype, name="rpn")(
         [pyramid[f"p{k}"] for k in RPN_LEVELS])
     proposals, _, proposal_valid = rpn_ops.generate_proposals(
@@ -134,9 +146,46 @@ class MaskRCNN(nn.Module):
     return losses
 
 
-LOSS_TERMS = ("rpn_objectness", "rpn_box", "box_cls", "box_reg", "mask")
+LOSS_PARTS = ("rpn_objectness", "rpn_box", "box_cls", "box_reg", "mask")
 
 
 def total_loss(losses: dict[str, jax.Array]) -> jax.Array:
   """Sum of the loss terms (diagnostics such as roi_foreground_fraction are not)."""
-  return sum(losses[name] for name in LOSS_TERMS if name in losses)
+  return sum(losses[name] for name in LOSS_PARTS if name in losses)
+
+
+def _check(config) -> None:
+  m = config.model
+  resnet.check_backbone(m)
+  if resnet.STEM_STRIDES[m.stem] != 4:
+    registry.fail("model.stem", m.stem, "the FPN needs a stem of stride 4: imagenet or small")
+  if len(m.anchor_sizes) != len(RPN_LEVELS) or any(s <= 0 for s in m.anchor_sizes):
+    registry.fail("model.anchor_sizes", m.anchor_sizes, "must be 5 positive sizes, one per P2..P6")
+  if not m.aspect_ratios or any(r <= 0 for r in m.aspect_ratios):
+    registry.fail("model.aspect_ratios", m.aspect_ratios, "must be positive height/width ratios")
+  for key in ("fpn_features", "rpn_pre_nms_topk", "rpn_post_nms_topk", "rpn_num_samples",
+              "roi_num_samples", "box_head_hidden", "mask_head_features", "mask_size",
+              "detections_per_image"):
+    registry.check_int(f"model.{key}", m[key])
+  if m.mask_size % 2:
+    registry.fail("model.mask_size", m.mask_size, "must be even (the head upsamples 2x)")
+  for key in ("rpn_nms_threshold", "nms_threshold", "score_threshold", "roi_positive_fraction"):
+    registry.check_fraction(f"model.{key}", m[key])
+  if int(m.roi_num_samples * m.roi_positive_fraction) < 1:
+    registry.fail("model.roi_positive_fraction", m.roi_positive_fraction,
+                  f"leaves no foreground RoI of roi_num_samples={m.roi_num_samples}")
+
+
+def _entry(name: str, with_masks: bool, description: str) -> registry.ModelEntry:
+  return registry.register_model(registry.ModelEntry(
+      name=name, module=MaskRCNN, task="instance",
+      defaults=registry.field_defaults(MaskRCNN, exclude=("num_classes", "with_masks", "dtype")),
+      fixed={"with_masks": with_masks},
+      input_multiple=lambda m: resnet.input_divisor(32, m.stem),  # the FPN's ResNet: stride 32
+      input_multiple_reason=lambda m: f"the input multiple of {name}'s ResNet-FPN",
+      check=_check, description=description,
+      inference_keys=("score_threshold", "nms_threshold", "detections_per_image")))
+
+
+MASK_RCNN = _entry("mask_rcnn", True, "Mask R-CNN: ResNet-FPN, box and mask heads")
+FASTER_RCNN = _entry("faster_rcnn", False, "Faster R-CNN: ResNet-FPN, box head")
