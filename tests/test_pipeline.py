@@ -69,24 +69,75 @@ def _label_image(size=32):
   return tf.constant(image), tf.constant(mask)
 
 
-def _augment(image, mask, seed, **scale):
+def _aug_config(hflip=True, vflip=True, lo=1.0, hi=1.0):
   from seg_jax import config as config_lib
   aug = config_lib.base_config().dataset.augment
   aug.brightness = aug.contrast = aug.saturation = aug.hue = 0.0
-  aug.min_scale, aug.max_scale = scale.get("lo", 1.0), scale.get("hi", 1.0)
-  out_image, out_mask = transforms.train_augment(image, mask, tf.constant([seed, 7], tf.int64),
-                                                 aug=aug, size=32, ignore_label=255)
+  aug.min_scale, aug.max_scale = lo, hi
+  aug.hflip, aug.vflip = hflip, vflip
+  return aug
+
+
+def _decode(out_image, out_mask):
   decoded = np.round((out_image.numpy()[..., 0] + 1.0) * 127.5 / 40).astype(np.int32)
   return decoded, out_mask.numpy()
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_flips_move_image_and_mask_together(seed):
+def _augment(image, mask, seed, **scale):
+  aug = _aug_config(lo=scale.get("lo", 1.0), hi=scale.get("hi", 1.0))
+  return _decode(*transforms.train_augment(image, mask, tf.constant([seed, 7], tf.int64),
+                                           aug=aug, size=32, ignore_label=255))
+
+
+FLIP_SEEDS = 400  # flips per draw ~ Binomial(400, 1/2): mean 200, sd 10
+
+
+def _flip_counts(hflip, vflip):
+  """Augments one asymmetric example under FLIP_SEEDS per-example seeds (as the pipeline makes
+  them: [stream seed, index]) at scale 1 (the crop is then the whole image), checks every
+  output is the input in one of its four orientations with image and mask moved together,
+  and returns {(h_flipped, v_flipped): count}."""
   image, mask = _label_image()
-  decoded, out_mask = _augment(image, mask, seed)
-  np.testing.assert_array_equal(decoded, out_mask)
-  assert any(np.array_equal(out_mask, m) for m in
-             (mask.numpy(), mask.numpy()[:, ::-1], mask.numpy()[::-1], mask.numpy()[::-1, ::-1]))
+  m = mask.numpy()
+  orientations = {(False, False): m, (True, False): m[:, ::-1], (False, True): m[::-1],
+                  (True, True): m[::-1, ::-1]}
+  # The example tells its orientations apart (else a flip could go unseen).
+  assert len({o.tobytes() for o in orientations.values()}) == 4
+  aug = _aug_config(hflip=hflip, vflip=vflip)
+  augment = tf.function(lambda seed: transforms.train_augment(image, mask, seed, aug=aug, size=32,
+                                                              ignore_label=255))
+  counts = {k: 0 for k in orientations}
+  for index in range(FLIP_SEEDS):
+    decoded, out_mask = _decode(*augment(tf.constant([12345, index], tf.int64)))
+    np.testing.assert_array_equal(decoded, out_mask)  # the image moved with the mask
+    found = [k for k, o in orientations.items() if np.array_equal(out_mask, o)]
+    assert len(found) == 1, f"seed index {index}: output is no flip of the input"
+    counts[found[0]] += 1
+  return counts
+
+
+def test_flips_move_image_and_mask_together():
+  """Each flip happens about half the time, independently of the other, and moves image and
+  mask alike. Bounds are 6 standard deviations: an augmenter that flips never, always, or
+  both axes at once (one draw) fails; a correct one passes but with probability ~1e-8."""
+  counts = _flip_counts(True, True)
+  h = counts[True, False] + counts[True, True]
+  v = counts[False, True] + counts[True, True]
+  assert 140 <= h <= 260, counts
+  assert 140 <= v <= 260, counts
+  assert 100 - 52 <= counts[True, True] <= 100 + 52, counts  # sd of Binomial(400, 1/4): 8.7
+
+
+@pytest.mark.parametrize("hflip,vflip", [(False, False), (True, False), (False, True)])
+def test_disabled_flips_never_happen(hflip, vflip):
+  counts = _flip_counts(hflip, vflip)
+  h = counts[True, False] + counts[True, True]
+  v = counts[False, True] + counts[True, True]
+  for enabled, n, name in ((hflip, h, "hflip"), (vflip, v, "vflip")):
+    if enabled:
+      assert 140 <= n <= 260, (name, counts)  # the other flip still works
+    else:
+      assert n == 0, (name, counts)
 
 
 def test_scale_crop_keeps_alignment_and_pads_with_ignore():
