@@ -263,33 +263,80 @@ def test_unwritable_workdir_fails_before_training(short_config, tmp_path):
     train.train_and_evaluate(short_config, str(blocker / "run"))
 
 
-def _nan_at(monkeypatch, steps):
+def _nan_at(monkeypatch, steps, *, drop=False):
+  """Training batches at `steps` (1-based) get NaN images; with `drop`, they are left out of
+  the stream instead (the steps that follow get the batches that came after them)."""
   real = pipeline.train_batches
 
   def corrupted(*args, **kwargs):
     for step, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
       if step in steps:
+        if drop:
+          continue
         batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
       yield batch
 
   monkeypatch.setattr(pipeline, "train_batches", corrupted)
 
 
+def _flat_state(state) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+SKIP_COUNTERS = ("notfinite_count", "last_finite", "total_notfinite")
+
+
 def test_skip_mode_drops_nonfinite_updates_and_counts_them(short_config, tmp_path, monkeypatch):
+  """Two skipped steps (6 and 7, NaN images) leave the state exactly as if they never happened:
+  the run ends bit for bit where a run without those two batches is two steps earlier. With a
+  warm-up + cosine schedule, a skipped step that advanced the schedule, moved Adam's moments or
+  kept the NaN forward pass's batch statistics would show."""
   short_config.on_nonfinite = "skip"
   short_config.log_every_steps = 1
+  short_config.checkpoint_every_steps = 9  # saves 9, 18 and the last step, 20
+  short_config.optimizer.schedule = "warmup_cosine"
+  short_config.optimizer.warmup_steps = 8  # steps 6, 7 mid-warm-up: the lr changes every step
+  short_config.optimizer.end_learning_rate_factor = 0.1
+  real_batches = pipeline.train_batches
   _nan_at(monkeypatch, {6, 7})
-  final = train.train_and_evaluate(short_config, str(tmp_path))
+  skipped_dir, clean_dir = tmp_path / "skipped", tmp_path / "clean"
+  final = train.train_and_evaluate(short_config, str(skipped_dir))
   assert 0.0 <= final["eval/dice"] <= 1.0
-  records = {r["step"]: r for r in _records(tmp_path) if "train/loss" in r}
+  records = {r["step"]: r for r in _records(skipped_dir) if "train/loss" in r}
   assert records[5]["train/skipped_steps"] == 0
   assert records[6]["train/loss"] is None and records[6]["train/skipped_steps"] == 1
   assert records[7]["train/skipped_steps"] == 2 and records[20]["train/skipped_steps"] == 2
-  # The skipped steps left parameters and batch statistics finite and unchanged.
   assert records[6]["train/param_norm"] == records[5]["train/param_norm"]
   assert records[7]["train/param_norm"] == records[5]["train/param_norm"]
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_state(str(tmp_path))[1])
-             if np.asarray(x).dtype.kind == "f")
+
+  # The same run without batches 6 and 7 at all, same schedule (num_train_steps=20).
+  monkeypatch.setattr(pipeline, "train_batches", real_batches)
+  _nan_at(monkeypatch, {6, 7}, drop=True)
+  train.train_and_evaluate(short_config, str(clean_dir))
+  skipped_step, skipped = _final_state(str(skipped_dir))
+  clean = ocp.CheckpointManager(os.path.join(clean_dir, "checkpoints")).restore(18)
+  assert skipped_step == 20 and int(skipped["step"]) == 20 and int(clean["step"]) == 18
+  skipped, clean = _flat_state(skipped), _flat_state(clean)
+  assert skipped.keys() == clean.keys()
+  compared = {"params": 0, "batch_stats": 0, "opt_state": 0}
+  for key in sorted(skipped):
+    counter = next((c for c in SKIP_COUNTERS if c in key), None)
+    if counter == "total_notfinite":
+      assert int(skipped[key]) == 2 and int(clean[key]) == 0, key
+    elif counter == "notfinite_count":
+      assert int(skipped[key]) == int(clean[key]) == 0, key
+    elif counter == "last_finite":
+      assert bool(skipped[key]) and bool(clean[key]), key
+    elif key != "['step']":
+      assert np.isfinite(skipped[key]).all(), key
+      np.testing.assert_array_equal(skipped[key], clean[key], err_msg=key)
+      compared[key.split("'")[1]] += 1
+  # Every part of the state was compared: weights, batch statistics, Adam's moments and count.
+  assert compared["params"] > 10 and compared["batch_stats"] > 4 and compared["opt_state"] > 20, \
+      compared
+  assert any("count" in k and int(v) == 18 for k, v in skipped.items()), \
+      {k: v for k, v in skipped.items() if "count" in k}
 
 
 def test_skip_mode_stops_after_too_many_consecutive_skips(short_config, tmp_path, monkeypatch):
