@@ -8,6 +8,7 @@ on events the run announces (that line, a committed checkpoint), never on a cloc
 """
 
 import json
+import math
 import os
 import pickle
 import queue
@@ -356,11 +357,29 @@ def test_skip_mode_drops_nonfinite_updates_and_counts_them(short_config, tmp_pat
   assert records[7]["train/skipped_steps"] == 2 and records[20]["train/skipped_steps"] == 2
   assert records[6]["train/param_norm"] == records[5]["train/param_norm"]
   assert records[7]["train/param_norm"] == records[5]["train/param_norm"]
+  # train/learning_rate is the rate the optimiser used: its schedule count is the number of
+  # applied updates, which the skipped steps 6 and 7 did not advance (count k - 1 up to step 6,
+  # 5 at steps 6 to 8, k - 3 after). warmup_cosine by its formula, 20 steps, warm-up 8.
+  o = short_config.optimizer
+  peak, end = o.learning_rate, o.learning_rate * o.end_learning_rate_factor
+
+  def lr_at(count):
+    if count < 8:
+      return peak * count / 8
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (count - 8) / 12))
+
+  counts = {k: k - 1 if k <= 6 else max(5, k - 3) for k in range(1, 21)}
+  assert [records[k]["train/learning_rate"] for k in range(1, 21)] == pytest.approx(
+      [lr_at(counts[k]) for k in range(1, 21)], rel=1e-6, abs=1e-9)
 
   # The same run without batches 6 and 7 at all, same schedule (num_train_steps=20).
   monkeypatch.setattr(pipeline, "train_batches", real_batches)
   _nan_at(monkeypatch, {6, 7}, drop=True)
   train.train_and_evaluate(short_config, str(clean_dir))
+  # ... whose learning rate at step k - 2 is the skipping run's at step k, from step 8 on.
+  clean_records = {r["step"]: r for r in _records(clean_dir) if "train/loss" in r}
+  assert [records[k]["train/learning_rate"] for k in range(8, 21)] == \
+      [clean_records[k - 2]["train/learning_rate"] for k in range(8, 21)]
   skipped_step, skipped = _final_state(str(skipped_dir))
   clean = ocp.CheckpointManager(os.path.join(clean_dir, "checkpoints")).restore(18)
   assert skipped_step == 20 and int(skipped["step"]) == 20 and int(clean["step"]) == 18
