@@ -221,10 +221,12 @@ def attempt(name, env):
   except onednn.OneDNNUnavailable as e:
     print(name, "ONEDNN", str(e).replace(chr(10), " "))
 
-bin_dir = sys.argv[1]
+bin_dir, real_path = sys.argv[1], os.environ["PATH"]
 attempt("nocompiler", {"PATH": os.path.join(bin_dir, "empty")})
 attempt("failing", {"PATH": os.path.join(bin_dir, "empty"), "CXX": os.path.join(bin_dir, "failing-cxx")})
 attempt("broken", {"PATH": os.path.join(bin_dir, "empty"), "CXX": os.path.join(bin_dir, "garbage-cxx")})
+# The real PATH (which may have a g++): $CXX, when set, is the compiler asked for.
+attempt("missing", {"PATH": real_path, "CXX": os.path.join(bin_dir, "no-such-cxx")})
 """
 
 _FAILING_CXX = """#!/bin/sh
@@ -244,7 +246,8 @@ exit 0
 
 
 def test_a_real_failed_build_falls_back_to_xla_and_onednn_says_why(tmp_path):
-  """No C++ compiler on PATH; a compiler that fails; a 'library' that cannot be loaded. Each
+  """No C++ compiler on PATH; a compiler that fails; a 'library' that cannot be loaded; $CXX
+  naming a compiler that does not exist (a missing compiler, not a failed load). Each
   time: resolve('auto') is 'xla', logged once with the reason; resolve('onednn') raises
   OneDNNUnavailable naming it; a failed build is not retried. In a subprocess, with its own
   build cache, so this process's registered library is untouched."""
@@ -268,6 +271,8 @@ def test_a_real_failed_build_falls_back_to_xla_and_onednn_says_why(tmp_path):
       "failing": "building onednn_conv.cc failed: fake-cxx: fatal error: dnnl.hpp: simulated "
                  "failure",
       "broken": "loading the oneDNN convolution library failed: ",
+      "missing": f"the C++ compiler $CXX={bin_dir / 'no-such-cxx'} is missing (not found or not "
+                 "executable); it is needed to build seg_jax/ops/onednn_conv.cc",
   }
   for name, reason in reasons.items():
     assert out[f"{name} AUTO"] == "xla", result.stdout
