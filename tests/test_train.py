@@ -89,6 +89,20 @@ def test_tensorboard_events_hold_the_metrics_jsonl_scalars_and_the_eval_panel(fu
   np.testing.assert_array_equal(panel, on_disk)
 
 
+def test_only_the_newest_keep_checkpoints_remain(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.num_train_steps = 10
+  config.eval_every_steps = 10
+  config.checkpoint_every_steps = 3
+  config.keep_checkpoints = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  saved = [s for s in range(1, 11) if s % 3 == 0 or s == 10]  # 3, 6, 9 and the last step
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(str(s) for s in saved[-2:])
+  manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"))
+  for step in saved[-2:]:
+    assert int(manager.restore(step)["step"]) == step
+
+
 def test_resume_after_stop_continues_from_the_saved_step(full_run, data_dir, tmp_path):
   full_workdir, full_final = full_run
   config = tiny_config(data_dir)
