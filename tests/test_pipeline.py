@@ -140,6 +140,45 @@ def test_disabled_flips_never_happen(hflip, vflip):
       assert n == 0, (name, counts)
 
 
+DEFAULT_JITTER = {"brightness": 0.15, "contrast": 0.2, "saturation": 0.2, "hue": 0.03}
+
+
+def _train_view(channels, seed, **jitter):
+  """train_augment of a random [32, 32, channels] uint8 image (values away from 0 and 255) at
+  scale 1 without flips, so that only colour jitter can change it; returns (numpy reference
+  image / 255 * 2 - 1, output)."""
+  image = np.random.default_rng(channels).integers(20, 236, (32, 32, channels), dtype=np.uint8)
+  aug = _aug_config(hflip=False, vflip=False)
+  aug.update(jitter)
+  out, _ = transforms.train_augment(tf.constant(image), tf.zeros((32, 32), tf.int32),
+                                    tf.constant([seed, 3], tf.int64), aug=aug, size=32,
+                                    ignore_label=255)
+  return image.astype(np.float32) / 255 * 2 - 1, out.numpy()
+
+
+def test_colour_jitter_changes_rgb_images():
+  for seed in range(8):
+    reference, plain = _train_view(3, seed)
+    np.testing.assert_allclose(plain, reference, atol=1e-6)  # no jitter: only scaling
+    _, jittered = _train_view(3, seed, **DEFAULT_JITTER)
+    assert np.abs(jittered - reference).max() > 0.01, seed
+    # Brightness alone adds one offset to every pixel, within +-0.15 of the [0, 1] range (the
+    # pixels it cannot have pushed out of [0, 1], which are clipped).
+    _, brighter = _train_view(3, seed, brightness=0.15)
+    unit = (reference + 1) / 2
+    delta = ((brighter - reference) / 2)[(unit > 0.15) & (unit < 0.85)]
+    assert np.ptp(delta) < 1e-5 and 1e-4 < abs(delta.mean()) <= 0.15 + 1e-6, (seed, delta.mean())
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_colour_jitter_leaves_non_rgb_images_unchanged(channels):
+  strong = {"brightness": 0.5, "contrast": 0.5, "saturation": 0.5, "hue": 0.3}
+  for seed in range(8):
+    reference, out = _train_view(channels, seed, **strong)
+    assert out.shape == (32, 32, channels)
+    np.testing.assert_allclose(out, reference, atol=1e-6)
+
+
 def test_scale_crop_keeps_alignment_and_pads_with_ignore():
   image, mask = _label_image()
   agree = []
