@@ -101,6 +101,20 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
   return core, schedule
 
 
+def schedule_count(opt_state) -> jax.Array:
+  """The step count the optimiser's learning-rate schedule is at (its ScaleByScheduleState).
+
+  It is what the optimiser will use for its next update. Under on_nonfinite="skip" it stays
+  behind TrainState.step by the number of skipped steps, as a skipped step does not advance it.
+  """
+  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+  if len(counts) != 1:
+    raise ValueError(f"expected one learning-rate schedule state in the optimiser state, found "
+                     f"{len(counts)}")
+  return counts[0]
+
+
 # ---------------------------------------------------------------------------- state
 
 def create_train_state(config, model: nn.Module, tx: optax.GradientTransformation,
@@ -163,7 +177,7 @@ def _train_step(state, batch, *, model, tx, schedule, config):
   params = optax.apply_updates(state.params, updates)
   step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                   "param_norm": optax.global_norm(params),
-                  "learning_rate": schedule(state.step)}
+                  "learning_rate": schedule(schedule_count(state.opt_state))}
   if isinstance(opt_state, optax.ApplyIfFiniteState):  # on_nonfinite="skip"
     # A skipped step must not leave batch statistics of a non-finite forward pass either.
     batch_stats = jax.tree.map(lambda new, old: jnp.where(opt_state.last_finite, new, old),

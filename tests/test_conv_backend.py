@@ -30,6 +30,14 @@ GEOMETRIES = [
 ]
 
 
+@pytest.fixture
+def needs_onednn():
+  """Skips (saying why) where the oneDNN library cannot be built or loaded, e.g. no compiler."""
+  reason = conv.onednn_unavailable_reason()
+  if reason is not None:
+    pytest.skip(f"oneDNN convolutions unavailable here: {reason}")
+
+
 def _numpy_conv(x, w, strides, padding, dilation):
   """Direct convolution and its kernel gradient for cotangent `dy`, by explicit loops over taps."""
   (pt, pb), (pl, pr) = padding
@@ -69,7 +77,7 @@ def _conv_and_grads(backend, x, w, strides, padding, dilation, dy):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[5]}x{g[5]}/s{g[6][0]}/d{g[8][0]}/n{g[0]}")
-def test_onednn_matches_numpy_and_xla(geometry):
+def test_onednn_matches_numpy_and_xla(geometry, needs_onednn):
   n, h, w_, cin, cout, k, strides, padding, dilation = geometry
   rng = np.random.default_rng(n * 100 + k)
   x = rng.standard_normal((n, h, w_, cin)).astype(np.float32)
@@ -95,7 +103,7 @@ def _lowered_text(backend, x, w, **kwargs):
       x, w).as_text()
 
 
-def test_only_supported_convolutions_leave_xla():
+def test_only_supported_convolutions_leave_xla(needs_onednn):
   x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
   text = _lowered_text("onednn", x, w)
   for target in ("forward", "backward_data", "backward_weights"):
@@ -113,7 +121,7 @@ def test_only_supported_convolutions_leave_xla():
   assert "seg_jax_onednn" not in text
 
 
-def test_unet_gradients_agree_between_backends():
+def test_unet_gradients_agree_between_backends(needs_onednn):
   model = UNet(num_logits=3, width=8, depth=2, norm="batch")
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   variables = model.init(init_key(0), x, train=False)
@@ -136,7 +144,11 @@ def test_backend_names_are_checked():
   with pytest.raises(ValueError, match="unknown conv backend 'mkldnn'"):
     conv.resolve("mkldnn")
   assert conv.resolve("xla") == "xla"
-  assert conv.resolve("auto") == "onednn"   # one CPU device, the library builds
+  reason = conv.onednn_unavailable_reason()
+  if reason is None:
+    assert conv.resolve("auto") == "onednn"   # one CPU device, the library builds
+  else:  # no compiler or oneDNN wheel here: 'auto' falls back (checked in detail below)
+    assert conv.resolve("auto") == "xla", reason
   config = config_lib.base_config()
   config.conv_backend = "cudnn"
   with pytest.raises(config_lib.ConfigError, match="config.conv_backend=.*must be one of auto"):
@@ -179,3 +191,96 @@ def test_a_failed_build_is_reported_once_and_not_retried(monkeypatch):
     assert "no space left" in conv.onednn_unavailable_reason()
   assert conv.resolve("auto") == "xla"
   assert len(calls) == 1
+
+
+_FAILED_BUILDS = r"""
+import logging, os, sys
+from seg_jax.ops import conv, onednn
+
+messages = []
+class Collect(logging.Handler):
+  def emit(self, record):
+    messages.append(record.getMessage())
+logging.getLogger("absl").addHandler(Collect())
+logging.getLogger("absl").setLevel(logging.INFO)
+
+def attempt(name, env):
+  # A fresh process state: no library registered, no failure remembered, no fallback logged.
+  onednn._register.cache_clear()
+  onednn._failure.clear()
+  conv._log_fallback.cache_clear()
+  os.environ.pop("CXX", None)
+  os.environ.update(env)
+  del messages[:]
+  print(name, "AUTO", conv.resolve("auto"))
+  print(name, "AUTO_AGAIN", conv.resolve("auto"))
+  print(name, "LOGGED", len(messages), "|".join(messages).replace(chr(10), " "))
+  try:
+    conv.resolve("onednn")
+    print(name, "ONEDNN accepted")
+  except onednn.OneDNNUnavailable as e:
+    print(name, "ONEDNN", str(e).replace(chr(10), " "))
+
+bin_dir, real_path = sys.argv[1], os.environ["PATH"]
+attempt("nocompiler", {"PATH": os.path.join(bin_dir, "empty")})
+attempt("failing", {"PATH": os.path.join(bin_dir, "empty"), "CXX": os.path.join(bin_dir, "failing-cxx")})
+attempt("broken", {"PATH": os.path.join(bin_dir, "empty"), "CXX": os.path.join(bin_dir, "garbage-cxx")})
+# The real PATH (which may have a g++): $CXX, when set, is the compiler asked for.
+attempt("missing", {"PATH": real_path, "CXX": os.path.join(bin_dir, "no-such-cxx")})
+"""
+
+_FAILING_CXX = """#!/bin/sh
+echo "$@" >> {log}
+echo "fake-cxx: fatal error: dnnl.hpp: simulated failure" >&2
+exit 1
+"""
+
+# "Compiles" by writing a file that is no shared library: the build succeeds, loading fails.
+_GARBAGE_CXX = """#!/bin/sh
+while [ $# -gt 0 ]; do
+  if [ "$1" = "-o" ]; then echo "not an ELF file" > "$2"; fi
+  shift
+done
+exit 0
+"""
+
+
+def test_a_real_failed_build_falls_back_to_xla_and_onednn_says_why(tmp_path):
+  """No C++ compiler on PATH; a compiler that fails; a 'library' that cannot be loaded; $CXX
+  naming a compiler that does not exist (a missing compiler, not a failed load). Each
+  time: resolve('auto') is 'xla', logged once with the reason; resolve('onednn') raises
+  OneDNNUnavailable naming it; a failed build is not retried. In a subprocess, with its own
+  build cache, so this process's registered library is untouched."""
+  bin_dir = tmp_path / "bin"
+  (bin_dir / "empty").mkdir(parents=True)
+  for name, text in (("failing-cxx", _FAILING_CXX), ("garbage-cxx", _GARBAGE_CXX)):
+    (bin_dir / name).write_text(text.format(log=bin_dir / "failing.log"))
+    (bin_dir / name).chmod(0o755)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+         "SEG_JAX_CACHE_DIR": str(tmp_path / "cache")}
+  env.pop("CXX", None)
+  result = subprocess.run([sys.executable, "-c", _FAILED_BUILDS, str(bin_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = {}
+  for line in result.stdout.splitlines():  # "<attempt> <FIELD> <value>"
+    name, field, value = line.split(" ", 2)
+    out[f"{name} {field}"] = value
+  reasons = {
+      "nocompiler": "no C++ compiler (g++, c++ or $CXX) to build seg_jax/ops/onednn_conv.cc",
+      "failing": "building onednn_conv.cc failed: fake-cxx: fatal error: dnnl.hpp: simulated "
+                 "failure",
+      "broken": "loading the oneDNN convolution library failed: ",
+      "missing": f"the C++ compiler $CXX={bin_dir / 'no-such-cxx'} is missing (not found or not "
+                 "executable); it is needed to build seg_jax/ops/onednn_conv.cc",
+  }
+  for name, reason in reasons.items():
+    assert out[f"{name} AUTO"] == "xla", result.stdout
+    assert out[f"{name} AUTO_AGAIN"] == "xla", result.stdout
+    logged = out[f"{name} LOGGED"]
+    assert logged.startswith("1 conv_backend=auto: XLA convolutions (" + reason), result.stdout
+    assert out[f"{name} ONEDNN"].startswith("conv_backend=onednn cannot be used: " + reason), \
+        result.stdout
+  # The failing compiler ran exactly once: the failure is remembered, not rebuilt at each call.
+  builds = (bin_dir / "failing.log").read_text().splitlines()
+  assert len([b for b in builds if "-o" in b.split()]) == 1, builds

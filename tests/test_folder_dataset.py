@@ -281,6 +281,54 @@ def test_cache_is_reused_rechecked_and_invalidated(good, good_data_dir, monkeypa
   np.testing.assert_array_equal(examples["plain0"]["mask"][..., 0], new_mask)
 
 
+def _stored(builder) -> dict[str, dict]:
+  """{stem: example} over every split of a prepared builder."""
+  return {e["id"].decode(): e for split in builder.info.splits
+          for e in tfds.as_numpy(builder.as_dataset(split=split))}
+
+
+def test_cache_is_rebuilt_when_a_pair_is_added_or_removed(good_data_dir, monkeypatch, tmp_path):
+  """Adding or removing a pair gives a new cache holding exactly the pairs on disk; a file
+  outside images/, masks/, splits/ and classes.txt leaves the cache as it is."""
+  root = tmp_path / "grows"
+  expected = _write_good_folder(root)
+  first, _ = _prepare(root, good_data_dir, channels=3)
+  assert set(_stored(first)) == set(expected)
+
+  # Not part of the dataset: the same cache, read without scanning a file.
+  (root / "notes.txt").write_text("taken on tuesday\n")
+  with monkeypatch.context() as m:
+    m.setattr(folder, "scan_folder", lambda *a, **k: pytest.fail("scanned again"))
+    same, _ = _prepare(root, good_data_dir, channels=3)
+  assert str(same.data_dir) == str(first.data_dir)
+
+  # Added: a ninth pair, stored as written.
+  rng = np.random.default_rng(7)
+  image = rng.integers(0, 256, (21, 27, 3), dtype=np.uint8)
+  mask = rng.integers(0, K, (21, 27)).astype(np.uint8)
+  Image.fromarray(image).save(root / "images" / "added.png")
+  Image.fromarray(mask).save(root / "masks" / "added.png")
+  added, _ = _prepare(root, good_data_dir, channels=3)
+  assert str(added.data_dir) != str(first.data_dir)
+  stored = _stored(added)
+  assert set(stored) == set(expected) | {"added"}
+  np.testing.assert_array_equal(stored["added"]["image"], image.astype(np.uint16) * 257)
+  np.testing.assert_array_equal(stored["added"]["mask"][..., 0], mask)
+
+  # Removed: that pair and one of the original ones go; neither is in the new cache.
+  for stem in ("added", "plain1"):
+    os.remove(root / "images" / f"{stem}.png")
+    os.remove(root / "masks" / f"{stem}.png")
+  removed, _ = _prepare(root, good_data_dir, channels=3)
+  assert str(removed.data_dir) not in (str(first.data_dir), str(added.data_dir))
+  assert set(_stored(removed)) == set(expected) - {"plain1"}
+
+  # Removing only a mask is a problem found before anything is built, not a stale cache read.
+  os.remove(root / "masks" / "plain2.png")
+  with pytest.raises(DataError, match=r"plain2"):
+    _prepare(root, good_data_dir, channels=3)
+
+
 def _folder_config(root, data_dir):
   c = config_lib.with_dataset(tiny_config(data_dir), "folder")
   c.dataset.root = str(root)

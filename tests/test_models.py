@@ -7,7 +7,7 @@ import pytest
 from seg_jax.models import init_key
 from seg_jax.models import layers
 from seg_jax import models
-from seg_jax.models.unet import UNet
+from seg_jax.models.unet import DoubleConv, UNet
 from tests.conftest import tiny_config
 
 
@@ -62,15 +62,50 @@ def test_unet_shapes_and_skips(norm, upsample):
                                       "upsample1", "upsample2", "up0", "up1", "up2", "head"}
 
 
-def test_unet_output_depends_on_skip_path():
-  """A pixel perturbation far from others changes the output at that pixel (full-resolution skip)."""
-  model = UNet(num_logits=2, width=4, depth=2, norm="none")
-  x = jnp.zeros((1, 16, 16, 3))
-  variables = jax.jit(lambda x: model.init(init_key(0), x, train=False))(x)
-  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
-  base = apply(x)
-  bumped = apply(x.at[0, 8, 8, 0].set(5.0))
-  assert float(jnp.abs(bumped - base)[0, 8, 8].max()) > 0
+@pytest.mark.parametrize("upsample", ["transpose", "resize"])
+def test_unet_output_depends_on_skip_path(upsample):
+  """Each decoder block's input starts with its level's encoder output (the skip), and zeroing
+  just those channels, one level at a time, changes the logits. Fails if a skip is dropped,
+  replaced, or concatenated but unused."""
+  depth = 2
+  model = UNet(num_logits=3, width=4, depth=depth, norm="none", upsample=upsample)
+  x = jax.random.normal(jax.random.key(2), (1, 16, 16, 3))
+  variables = model.init(init_key(0), x, train=False)
+
+  def run(zero_levels):
+    encoder_out, seen = {}, []
+
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      if not isinstance(module, DoubleConv) or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      place, level = module.name.rstrip("0123456789"), module.name[len("down"):]
+      if place == "down":  # encoder levels down0..down{depth-1}
+        encoder_out[int(level)] = out = next_fun(*args, **kwargs)
+        return out
+      if module.name == "bottom":
+        return next_fun(*args, **kwargs)
+      assert place == "up", module.name  # decoder blocks up{depth-1}..up0
+      level = int(module.name[len("up"):])
+      inputs, skip = args[0], encoder_out[level]
+      channels = skip.shape[-1]
+      assert inputs.shape[-1] == 2 * channels, (level, inputs.shape, skip.shape)
+      np.testing.assert_array_equal(inputs[..., :channels], skip, err_msg=f"level {level}")
+      seen.append(level)
+      if level in zero_levels:
+        inputs = inputs.at[..., :channels].set(0.0)
+      return next_fun(inputs, *args[1:], **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      logits = model.apply(variables, x, train=False)
+    assert sorted(seen) == list(range(depth))
+    return np.asarray(logits)
+
+  base = np.asarray(model.apply(variables, x, train=False))
+  np.testing.assert_array_equal(run(()), base)  # the interception itself changes nothing
+  for levels in [(0,), (1,), (0, 1)]:
+    diff = np.abs(run(levels) - base)
+    assert diff.max() > 1e-3 * np.abs(base).max(), (levels, diff.max())
 
 
 def test_unet_rejects_indivisible_size():

@@ -69,24 +69,114 @@ def _label_image(size=32):
   return tf.constant(image), tf.constant(mask)
 
 
-def _augment(image, mask, seed, **scale):
+def _aug_config(hflip=True, vflip=True, lo=1.0, hi=1.0):
   from seg_jax import config as config_lib
   aug = config_lib.base_config().dataset.augment
   aug.brightness = aug.contrast = aug.saturation = aug.hue = 0.0
-  aug.min_scale, aug.max_scale = scale.get("lo", 1.0), scale.get("hi", 1.0)
-  out_image, out_mask = transforms.train_augment(image, mask, tf.constant([seed, 7], tf.int64),
-                                                 aug=aug, size=32, ignore_label=255)
+  aug.min_scale, aug.max_scale = lo, hi
+  aug.hflip, aug.vflip = hflip, vflip
+  return aug
+
+
+def _decode(out_image, out_mask):
   decoded = np.round((out_image.numpy()[..., 0] + 1.0) * 127.5 / 40).astype(np.int32)
   return decoded, out_mask.numpy()
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_flips_move_image_and_mask_together(seed):
+def _augment(image, mask, seed, **scale):
+  aug = _aug_config(lo=scale.get("lo", 1.0), hi=scale.get("hi", 1.0))
+  return _decode(*transforms.train_augment(image, mask, tf.constant([seed, 7], tf.int64),
+                                           aug=aug, size=32, ignore_label=255))
+
+
+FLIP_SEEDS = 400  # flips per draw ~ Binomial(400, 1/2): mean 200, sd 10
+
+
+def _flip_counts(hflip, vflip):
+  """Augments one asymmetric example under FLIP_SEEDS per-example seeds (as the pipeline makes
+  them: [stream seed, index]) at scale 1 (the crop is then the whole image), checks every
+  output is the input in one of its four orientations with image and mask moved together,
+  and returns {(h_flipped, v_flipped): count}."""
   image, mask = _label_image()
-  decoded, out_mask = _augment(image, mask, seed)
-  np.testing.assert_array_equal(decoded, out_mask)
-  assert any(np.array_equal(out_mask, m) for m in
-             (mask.numpy(), mask.numpy()[:, ::-1], mask.numpy()[::-1], mask.numpy()[::-1, ::-1]))
+  m = mask.numpy()
+  orientations = {(False, False): m, (True, False): m[:, ::-1], (False, True): m[::-1],
+                  (True, True): m[::-1, ::-1]}
+  # The example tells its orientations apart (else a flip could go unseen).
+  assert len({o.tobytes() for o in orientations.values()}) == 4
+  aug = _aug_config(hflip=hflip, vflip=vflip)
+  augment = tf.function(lambda seed: transforms.train_augment(image, mask, seed, aug=aug, size=32,
+                                                              ignore_label=255))
+  counts = {k: 0 for k in orientations}
+  for index in range(FLIP_SEEDS):
+    decoded, out_mask = _decode(*augment(tf.constant([12345, index], tf.int64)))
+    np.testing.assert_array_equal(decoded, out_mask)  # the image moved with the mask
+    found = [k for k, o in orientations.items() if np.array_equal(out_mask, o)]
+    assert len(found) == 1, f"seed index {index}: output is no flip of the input"
+    counts[found[0]] += 1
+  return counts
+
+
+def test_flips_move_image_and_mask_together():
+  """Each flip happens about half the time, independently of the other, and moves image and
+  mask alike. Bounds are 6 standard deviations: an augmenter that flips never, always, or
+  both axes at once (one draw) fails; a correct one passes but with probability ~1e-8."""
+  counts = _flip_counts(True, True)
+  h = counts[True, False] + counts[True, True]
+  v = counts[False, True] + counts[True, True]
+  assert 140 <= h <= 260, counts
+  assert 140 <= v <= 260, counts
+  assert 100 - 52 <= counts[True, True] <= 100 + 52, counts  # sd of Binomial(400, 1/4): 8.7
+
+
+@pytest.mark.parametrize("hflip,vflip", [(False, False), (True, False), (False, True)])
+def test_disabled_flips_never_happen(hflip, vflip):
+  counts = _flip_counts(hflip, vflip)
+  h = counts[True, False] + counts[True, True]
+  v = counts[False, True] + counts[True, True]
+  for enabled, n, name in ((hflip, h, "hflip"), (vflip, v, "vflip")):
+    if enabled:
+      assert 140 <= n <= 260, (name, counts)  # the other flip still works
+    else:
+      assert n == 0, (name, counts)
+
+
+DEFAULT_JITTER = {"brightness": 0.15, "contrast": 0.2, "saturation": 0.2, "hue": 0.03}
+
+
+def _train_view(channels, seed, **jitter):
+  """train_augment of a random [32, 32, channels] uint8 image (values away from 0 and 255) at
+  scale 1 without flips, so that only colour jitter can change it; returns (numpy reference
+  image / 255 * 2 - 1, output)."""
+  image = np.random.default_rng(channels).integers(20, 236, (32, 32, channels), dtype=np.uint8)
+  aug = _aug_config(hflip=False, vflip=False)
+  aug.update(jitter)
+  out, _ = transforms.train_augment(tf.constant(image), tf.zeros((32, 32), tf.int32),
+                                    tf.constant([seed, 3], tf.int64), aug=aug, size=32,
+                                    ignore_label=255)
+  return image.astype(np.float32) / 255 * 2 - 1, out.numpy()
+
+
+def test_colour_jitter_changes_rgb_images():
+  for seed in range(8):
+    reference, plain = _train_view(3, seed)
+    np.testing.assert_allclose(plain, reference, atol=1e-6)  # no jitter: only scaling
+    _, jittered = _train_view(3, seed, **DEFAULT_JITTER)
+    assert np.abs(jittered - reference).max() > 0.01, seed
+    # Brightness alone adds one offset to every pixel, within +-0.15 of the [0, 1] range (the
+    # pixels it cannot have pushed out of [0, 1], which are clipped).
+    _, brighter = _train_view(3, seed, brightness=0.15)
+    unit = (reference + 1) / 2
+    delta = ((brighter - reference) / 2)[(unit > 0.15) & (unit < 0.85)]
+    assert np.ptp(delta) < 1e-5 and 1e-4 < abs(delta.mean()) <= 0.15 + 1e-6, (seed, delta.mean())
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_colour_jitter_leaves_non_rgb_images_unchanged(channels):
+  strong = {"brightness": 0.5, "contrast": 0.5, "saturation": 0.5, "hue": 0.3}
+  for seed in range(8):
+    reference, out = _train_view(channels, seed, **strong)
+    assert out.shape == (32, 32, channels)
+    np.testing.assert_allclose(out, reference, atol=1e-6)
 
 
 def test_scale_crop_keeps_alignment_and_pads_with_ignore():

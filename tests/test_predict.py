@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+import tifffile
 
 from seg_jax import config as config_lib
 from seg_jax import parallel
@@ -271,6 +272,68 @@ def test_predict_config_values_are_validated():
       config_lib.validate(config)
 
 
+def test_inputs_with_the_same_stem_are_refused_before_anything_runs(tmp_path, data_dir):
+  for folder, name in (("a", "scan.png"), ("b", "scan.tif"), ("b", "other.png")):
+    (tmp_path / folder).mkdir(exist_ok=True)
+    Image.fromarray(_random_image((8, 8, 3))).save(tmp_path / folder / name)
+  first, second = str(tmp_path / "a" / "scan.png"), str(tmp_path / "b" / "scan.tif")
+  with pytest.raises(predict.DataError) as refused:
+    predict._check_unique_stems([first, str(tmp_path / "b" / "other.png"), second])
+  assert f"{first} and {second} would both write scan_label.png" in str(refused.value)
+  predict._check_unique_stems([first, str(tmp_path / "b" / "other.png")])  # distinct: accepted
+  # Through run: refused before the workdir (which has no checkpoint) or the output is touched.
+  config = tiny_config(data_dir)
+  config.predict.input = str(tmp_path / "*" / "*")
+  config.predict.output = str(tmp_path / "out")
+  with pytest.raises(predict.DataError, match="would both write scan_label.png"):
+    predict.run(config, str(tmp_path / "no_run"))
+  assert not (tmp_path / "out").exists() and not (tmp_path / "no_run").exists()
+
+
+def _bands(probabilities, rows_per_band):
+  for first in range(0, len(probabilities), rows_per_band):
+    yield first, probabilities[first:first + rows_per_band]
+
+
+@pytest.mark.parametrize("num_classes, mode, dtype", [(256, "L", np.uint8), (300, "I;16", np.uint16)])
+def test_label_png_is_16_bit_above_256_classes(tmp_path, num_classes, mode, dtype):
+  """Class ids up to num_classes - 1 survive the label PNG: 8-bit up to 256 classes, 16-bit
+  above (ids 256..299 would wrap in 8 bits)."""
+  height, width = 10, 13
+  rng = np.random.default_rng(num_classes)
+  ids = rng.integers(0, num_classes, (height, width))
+  ids[0, :3] = (0, 255, num_classes - 1)
+  probabilities = np.full((height, width, num_classes), 0.1 / num_classes, np.float32)
+  np.put_along_axis(probabilities, ids[..., None], 0.9, axis=-1)
+  image = _random_image((height, width, 3), seed=1)
+  counts = predict.write_outputs(image, _bands(probabilities, 4), out_dir=str(tmp_path),
+                                 stem="x", num_classes=num_classes, class_names=None,
+                                 ignore_label=255, save_probabilities=False)
+  np.testing.assert_array_equal(counts, np.bincount(ids.ravel(), minlength=num_classes))
+  label = Image.open(tmp_path / "x_label.png")
+  assert label.mode == mode and label.size == (width, height)
+  stored = np.asarray(label)
+  assert stored.dtype == dtype
+  np.testing.assert_array_equal(stored, ids)
+  assert sorted(os.listdir(tmp_path)) == ["x_label.png", "x_overlay.png"]
+
+
+def test_channel_counts_are_matched_or_refused_naming_the_file():
+  grey = np.arange(12, dtype=np.uint8).reshape(3, 4, 1)
+  rgb = predict.match_channels(grey, 3, "grey.png")
+  assert rgb.shape == (3, 4, 3)
+  for c in range(3):
+    np.testing.assert_array_equal(rgb[..., c], grey[..., 0])
+  same = np.zeros((3, 4, 3), np.uint16)
+  assert predict.match_channels(same, 3, "rgb.png") is same
+  bands = np.zeros((3, 4, 5), np.uint8)
+  with pytest.raises(predict.DataError,
+                     match=r"^/data/bands\.tif: the image has 5 channels, the model takes 3$"):
+    predict.match_channels(bands, 3, "/data/bands.tif")
+  with pytest.raises(predict.DataError, match=r"scan\.png: the image has 3 channels, the model takes 1"):
+    predict.match_channels(same, 1, "scan.png")
+
+
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory, data_dir):
   """A checkpoint of a tiny U-Net after 2 steps, and the config file that describes it."""
@@ -300,11 +363,13 @@ def test_main_predict_writes_labels_overlays_and_probabilities(trained_workdir, 
   Image.fromarray(grey16).save(inputs / "grey16.png")
   good = (inputs / "odd.png").read_bytes()
   (inputs / "broken.png").write_bytes(good[:len(good) // 3])  # truncated
+  tifffile.imwrite(inputs / "bands.tif", np.zeros((16, 16, 5), np.uint8),  # 5 bands: no RGB
+                   photometric="minisblack", planarconfig="contig")
   out = tmp_path / "out"
 
   result = subprocess.run(
       [sys.executable, "main.py", f"--config={config_file}", f"--workdir={workdir}",
-       "--mode=predict", f"--config.predict.input={inputs}/*.png", f"--config.predict.output={out}",
+       "--mode=predict", f"--config.predict.input={inputs}/*", f"--config.predict.output={out}",
        "--config.predict.tile_size=64", "--config.predict.tta=hflip",
        "--config.predict.save_probabilities=True"],
       cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
@@ -312,9 +377,14 @@ def test_main_predict_writes_labels_overlays_and_probabilities(trained_workdir, 
   # Bad files are skipped, the others predicted, and the exit status says something failed.
   assert result.returncode == 1, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: 1 of 3 input images skipped: ") and "broken.png" in last, last
+  bands_message = f"{inputs / 'bands.tif'}: the image has 5 channels, the model takes 3"
+  assert last == (f"error: 2 of 4 input images skipped: {bands_message} (and 1 more, listed "
+                  "above)"), last
+  assert f"warning: skipped {bands_message}\n" in result.stderr
   assert "Traceback" not in result.stderr
-  assert "predicted 2 of 3 images with the step-2 checkpoint" in result.stdout
+  assert "predicted 2 of 4 images with the step-2 checkpoint" in result.stdout
+  skipped = result.stdout.split("skipped 2:\n")[1].splitlines()
+  assert skipped[0] == f"  {bands_message}" and skipped[1].startswith(f"  {inputs / 'broken.png'}: ")
   assert sorted(os.listdir(out)) == sorted(f"{stem}_{kind}" for stem in ("odd", "grey16")
                                            for kind in ("label.png", "overlay.png", "probs.npy"))
 

@@ -2,16 +2,21 @@
 
 Runs that must be killed or span several processes are real `main.py`
 subprocesses on the tests' tiny config (tests/configs/tiny.py). A wrapper
-slows the input stream a little so that a signal lands mid-run.
+can pause the input stream before a chosen step, say so on stdout and wait for a line on
+stdin, so that a signal lands at a known step however loaded the machine is: the tests wait
+on events the run announces (that line, a committed checkpoint), never on a clock.
 """
 
 import json
+import math
 import os
 import pickle
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -28,18 +33,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("train/steps_per_sec", "train/img_per_sec", "compile_seconds", "wall_seconds",
                "num_params")
 
-# main.py, with each training batch delayed by SLOW_BATCH_S seconds.
+# main.py; with PAUSE_BEFORE_STEP=N, before handing out step N's batch (steps up to N - 1
+# done and logged) it prints "PAUSED N" and waits for a line on stdin.
 _MAIN = """
-import os, sys, time
+import os, sys
 sys.argv = ["main.py"] + sys.argv[1:]
 import main
 from seg_jax.data import pipeline
-real, delay = pipeline.train_batches, float(os.environ.get("SLOW_BATCH_S", "0"))
-def slowed(*args, **kwargs):
-  for batch in real(*args, **kwargs):
-    time.sleep(delay)
+real, pause = pipeline.train_batches, int(os.environ.get("PAUSE_BEFORE_STEP", "0"))
+def paused(*args, **kwargs):
+  for step, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
+    if step == pause:
+      print("PAUSED", step, flush=True)
+      sys.stdin.readline()  # a signal arriving meanwhile is handled, then the read goes on
     yield batch
-pipeline.train_batches = slowed
+pipeline.train_batches = paused
 from absl import app
 app.run(main.main, flags_parser=main._parse_flags)
 """
@@ -51,8 +59,9 @@ def _command(data_dir, workdir, cache_dir, *extra):
           "--config.eval_every_steps=15", f"--config.compilation_cache_dir={cache_dir}", *extra]
 
 
-def _env(devices=1, slow=0.0):
-  return {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "SLOW_BATCH_S": str(slow),
+def _env(devices=1, pause_before_step=0):
+  return {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+          "PAUSE_BEFORE_STEP": str(pause_before_step),
           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
@@ -86,21 +95,44 @@ def _last_logged_step(workdir):
   return max(steps, default=0)
 
 
-def _interrupt(command, env, workdir, *, after_step, signum, checkpoint=None):
-  """Starts a run, sends `signum` once it has logged `after_step` (and committed the
-  `checkpoint` step: saves are asynchronous); returns its exit code and stderr."""
-  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 240
-  committed = os.path.join(workdir, "checkpoints", str(checkpoint))
-  while (_last_logged_step(workdir) < after_step
-         or (checkpoint is not None and not os.path.isdir(committed))):
-    assert process.poll() is None, process.communicate()[1][-3000:]
-    assert time.time() < deadline, "run did not reach the step in time"
-    time.sleep(0.02)
-  process.send_signal(signum)
-  _, stderr = process.communicate(timeout=240)
-  return process.returncode, stderr
+HANG_GUARD_S = 600  # only for a run that hangs; every wait below ends on an event
+
+
+def _interrupt(command, env, workdir, *, signum, checkpoint=None):
+  """Starts a run paused (env PAUSE_BEFORE_STEP) before a step; once it says it is paused (and
+  has committed the `checkpoint` step: saves are asynchronous) sends `signum`, then lets it go
+  on; returns its exit code and stderr."""
+  stderr_path = os.path.join(workdir, f"stderr_{time.monotonic_ns()}.txt")
+  os.makedirs(workdir, exist_ok=True)
+  with open(stderr_path, "w") as stderr_file:  # a file: a full stderr pipe cannot block the run
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+  lines = queue.Queue()
+  threading.Thread(target=lambda: [lines.put(l) for l in process.stdout] + [lines.put(None)],
+                   daemon=True).start()
+  stderr = lambda: open(stderr_path).read()[-3000:]
+  try:
+    while True:
+      line = lines.get(timeout=HANG_GUARD_S)
+      assert line is not None, f"the run ended before pausing: {stderr()}"
+      if line.startswith("PAUSED"):
+        break
+    committed = os.path.join(workdir, "checkpoints", str(checkpoint))
+    waited = time.monotonic()
+    while checkpoint is not None and not os.path.isdir(committed):  # committed by a rename
+      assert process.poll() is None, stderr()
+      assert time.monotonic() - waited < HANG_GUARD_S, "checkpoint never committed"
+      time.sleep(0.02)
+    process.send_signal(signum)
+    if signum != signal.SIGKILL:
+      process.stdin.write("go\n")
+      process.stdin.flush()
+    process.wait(timeout=HANG_GUARD_S)
+  finally:
+    if process.poll() is None:
+      process.kill()
+    process.stdin.close()
+  return process.returncode, open(stderr_path).read()
 
 
 def _final_state(workdir):
@@ -126,21 +158,22 @@ def uninterrupted(data_dir, prepared, tmp_path_factory):
 def test_sigkill_twice_then_sigterm_ends_bit_identical(data_dir, prepared, uninterrupted, tmp_path):
   workdir = str(tmp_path)
   command = _command(data_dir, workdir, prepared)
-  env = _env(slow=0.15)
-  # SIGKILL after the step-10 checkpoint, then after step 20's: each restart resumes there.
-  code, _ = _interrupt(command, env, workdir, after_step=12, signum=signal.SIGKILL,
-                           checkpoint=10)
+  # SIGKILL after step 12 (step 10's checkpoint committed), then after step 22 (step 20's):
+  # each restart resumes there.
+  code, _ = _interrupt(command, _env(pause_before_step=13), workdir, signum=signal.SIGKILL,
+                       checkpoint=10)
   assert code == -signal.SIGKILL
-  code, _ = _interrupt(command, env, workdir, after_step=22, signum=signal.SIGKILL,
-                           checkpoint=20)
+  code, _ = _interrupt(command, _env(pause_before_step=23), workdir, signum=signal.SIGKILL,
+                       checkpoint=20)
   assert code == -signal.SIGKILL
-  # SIGTERM: finish the step, save it, exit 0.
-  code, stderr = _interrupt(command, env, workdir, after_step=24, signum=signal.SIGTERM)
+  # SIGTERM while step 25's batch is being read: finish step 25, save it, exit 0.
+  code, stderr = _interrupt(command, _env(pause_before_step=25), workdir, signum=signal.SIGTERM)
   assert code == 0, stderr[-3000:]
-  assert "checkpoint saved; run the same command again to resume" in stderr
+  assert ("stopped after step 25 on request; checkpoint saved; run the same command again to "
+          "resume") in stderr
   steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
   stopped_at = max(steps)
-  assert 24 <= stopped_at < 30 and stopped_at == _last_logged_step(workdir)
+  assert stopped_at == 25 == _last_logged_step(workdir)
   result = _run(command, _env())
   assert result.returncode == 0, result.stderr[-3000:]
 
@@ -160,10 +193,16 @@ def test_repeated_runs_are_identical(data_dir, prepared, uninterrupted, tmp_path
   assert _comparable(_records(tmp_path)) == _comparable(_records(uninterrupted))
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def _reserved_port() -> socket.socket:
+  """A socket bound to a free port, to hold for as long as the run uses the port: no other
+  process can bind it meanwhile (closing it first, then starting the run, left a window in
+  which another test on the machine could take the port). SO_REUSEPORT lets JAX's coordinator
+  (gRPC, which sets it too) bind the same port; connections go to the coordinator, the only
+  one listening."""
+  s = socket.socket()
+  s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+  s.bind(("127.0.0.1", 0))
+  return s
 
 
 def test_two_processes_equal_one_process_with_two_devices(data_dir, prepared, tmp_path):
@@ -172,17 +211,26 @@ def test_two_processes_equal_one_process_with_two_devices(data_dir, prepared, tm
            "--config.checkpoint_every_steps=10")
   result = _run(_command(data_dir, single, prepared, *extra), _env(devices=2))
   assert result.returncode == 0, result.stderr[-3000:]
-  port = _free_port()
-  processes = [
-      subprocess.Popen(_command(data_dir, multi, prepared, *extra,
-                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                f"--process_id={i}"),
-                       cwd=REPO, env=_env(devices=1), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  for process in processes:
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
+  # Each process's stderr goes to a file: a full pipe of one must not stall both.
+  logs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]
+  with _reserved_port() as port_socket:
+    port = port_socket.getsockname()[1]
+    processes = []
+    for i, log in enumerate(logs):
+      with open(log, "w") as stderr_file:
+        processes.append(subprocess.Popen(
+            _command(data_dir, multi, prepared, *extra, f"--coordinator_address=127.0.0.1:{port}",
+                     "--num_processes=2", f"--process_id={i}"),
+            cwd=REPO, env=_env(devices=1), stdout=subprocess.DEVNULL, stderr=stderr_file))
+    try:
+      for process, log in zip(processes, logs):
+        process.wait(timeout=300)
+        assert process.returncode == 0, log.read_text()[-3000:]
+    finally:
+      for process in processes:
+        if process.poll() is None:
+          process.kill()
+  stderr = logs[1].read_text()
   assert "JAX devices: 2 (cpu), processes: 2" in stderr
 
   single_records, multi_records = _comparable(_records(single)), _comparable(_records(multi))
@@ -263,33 +311,98 @@ def test_unwritable_workdir_fails_before_training(short_config, tmp_path):
     train.train_and_evaluate(short_config, str(blocker / "run"))
 
 
-def _nan_at(monkeypatch, steps):
+def _nan_at(monkeypatch, steps, *, drop=False):
+  """Training batches at `steps` (1-based) get NaN images; with `drop`, they are left out of
+  the stream instead (the steps that follow get the batches that came after them)."""
   real = pipeline.train_batches
 
   def corrupted(*args, **kwargs):
     for step, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
       if step in steps:
+        if drop:
+          continue
         batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
       yield batch
 
   monkeypatch.setattr(pipeline, "train_batches", corrupted)
 
 
+def _flat_state(state) -> dict[str, np.ndarray]:
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+SKIP_COUNTERS = ("notfinite_count", "last_finite", "total_notfinite")
+
+
 def test_skip_mode_drops_nonfinite_updates_and_counts_them(short_config, tmp_path, monkeypatch):
+  """Two skipped steps (6 and 7, NaN images) leave the state exactly as if they never happened:
+  the run ends bit for bit where a run without those two batches is two steps earlier. With a
+  warm-up + cosine schedule, a skipped step that advanced the schedule, moved Adam's moments or
+  kept the NaN forward pass's batch statistics would show."""
   short_config.on_nonfinite = "skip"
   short_config.log_every_steps = 1
+  short_config.checkpoint_every_steps = 9  # saves 9, 18 and the last step, 20
+  short_config.optimizer.schedule = "warmup_cosine"
+  short_config.optimizer.warmup_steps = 8  # steps 6, 7 mid-warm-up: the lr changes every step
+  short_config.optimizer.end_learning_rate_factor = 0.1
+  real_batches = pipeline.train_batches
   _nan_at(monkeypatch, {6, 7})
-  final = train.train_and_evaluate(short_config, str(tmp_path))
+  skipped_dir, clean_dir = tmp_path / "skipped", tmp_path / "clean"
+  final = train.train_and_evaluate(short_config, str(skipped_dir))
   assert 0.0 <= final["eval/dice"] <= 1.0
-  records = {r["step"]: r for r in _records(tmp_path) if "train/loss" in r}
+  records = {r["step"]: r for r in _records(skipped_dir) if "train/loss" in r}
   assert records[5]["train/skipped_steps"] == 0
   assert records[6]["train/loss"] is None and records[6]["train/skipped_steps"] == 1
   assert records[7]["train/skipped_steps"] == 2 and records[20]["train/skipped_steps"] == 2
-  # The skipped steps left parameters and batch statistics finite and unchanged.
   assert records[6]["train/param_norm"] == records[5]["train/param_norm"]
   assert records[7]["train/param_norm"] == records[5]["train/param_norm"]
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_final_state(str(tmp_path))[1])
-             if np.asarray(x).dtype.kind == "f")
+  # train/learning_rate is the rate the optimiser used: its schedule count is the number of
+  # applied updates, which the skipped steps 6 and 7 did not advance (count k - 1 up to step 6,
+  # 5 at steps 6 to 8, k - 3 after). warmup_cosine by its formula, 20 steps, warm-up 8.
+  o = short_config.optimizer
+  peak, end = o.learning_rate, o.learning_rate * o.end_learning_rate_factor
+
+  def lr_at(count):
+    if count < 8:
+      return peak * count / 8
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (count - 8) / 12))
+
+  counts = {k: k - 1 if k <= 6 else max(5, k - 3) for k in range(1, 21)}
+  assert [records[k]["train/learning_rate"] for k in range(1, 21)] == pytest.approx(
+      [lr_at(counts[k]) for k in range(1, 21)], rel=1e-6, abs=1e-9)
+
+  # The same run without batches 6 and 7 at all, same schedule (num_train_steps=20).
+  monkeypatch.setattr(pipeline, "train_batches", real_batches)
+  _nan_at(monkeypatch, {6, 7}, drop=True)
+  train.train_and_evaluate(short_config, str(clean_dir))
+  # ... whose learning rate at step k - 2 is the skipping run's at step k, from step 8 on.
+  clean_records = {r["step"]: r for r in _records(clean_dir) if "train/loss" in r}
+  assert [records[k]["train/learning_rate"] for k in range(8, 21)] == \
+      [clean_records[k - 2]["train/learning_rate"] for k in range(8, 21)]
+  skipped_step, skipped = _final_state(str(skipped_dir))
+  clean = ocp.CheckpointManager(os.path.join(clean_dir, "checkpoints")).restore(18)
+  assert skipped_step == 20 and int(skipped["step"]) == 20 and int(clean["step"]) == 18
+  skipped, clean = _flat_state(skipped), _flat_state(clean)
+  assert skipped.keys() == clean.keys()
+  compared = {"params": 0, "batch_stats": 0, "opt_state": 0}
+  for key in sorted(skipped):
+    counter = next((c for c in SKIP_COUNTERS if c in key), None)
+    if counter == "total_notfinite":
+      assert int(skipped[key]) == 2 and int(clean[key]) == 0, key
+    elif counter == "notfinite_count":
+      assert int(skipped[key]) == int(clean[key]) == 0, key
+    elif counter == "last_finite":
+      assert bool(skipped[key]) and bool(clean[key]), key
+    elif key != "['step']":
+      assert np.isfinite(skipped[key]).all(), key
+      np.testing.assert_array_equal(skipped[key], clean[key], err_msg=key)
+      compared[key.split("'")[1]] += 1
+  # Every part of the state was compared: weights, batch statistics, Adam's moments and count.
+  assert compared["params"] > 10 and compared["batch_stats"] > 4 and compared["opt_state"] > 20, \
+      compared
+  assert any("count" in k and int(v) == 18 for k, v in skipped.items()), \
+      {k: v for k, v in skipped.items() if "count" in k}
 
 
 def test_skip_mode_stops_after_too_many_consecutive_skips(short_config, tmp_path, monkeypatch):

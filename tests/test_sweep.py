@@ -346,3 +346,116 @@ def test_tiny_sweep_end_to_end(data_dir, tmp_path, monkeypatch):
 
   monkeypatch.setattr(sweep, "_run_process", lambda *a: pytest.fail("a finished run was started"))
   assert sweep.execute(runs, base, str(config_file), {}) == []
+
+
+# ---------------------------------------------------------------------------- --report by hand
+
+# A sweep directory written here by hand: {variant dir: {seed: (dice, train loss, wall seconds)}}
+# with dice and loss as {step: value} at the evaluations (steps 10 and 20 of 20).
+HAND_RUNS = {
+    "loss.name=ce,optimizer.learning_rate=0.001": {
+        0: ({10: 0.60, 20: 0.70}, {10: 0.6, 20: 0.9}, 100.0),
+        1: ({10: 0.65, 20: 0.68}, {10: 1.1, 20: 0.95}, 110.0),
+        2: ({10: 0.72, 20: 0.71}, {10: 0.5, 20: 1.0}, 120.0)},
+    "loss.name=ce,optimizer.learning_rate=0.003": {
+        0: ({10: 0.75, 20: 0.80}, {10: 1.0, 20: 0.7}, 90.0),
+        1: ({10: 0.78, 20: 0.74}, {10: 0.9, 20: 0.85}, 95.0),
+        2: ({10: 0.70, 20: 0.77}, {10: 1.3, 20: 0.6}, 130.0)},
+    "loss.name=ce+dice,optimizer.learning_rate=0.001": {   # one of three seeds finished
+        0: ({10: 0.50, 20: 0.55}, {10: 1.5, 20: 1.4}, 80.0)},
+    "loss.name=ce+dice,optimizer.learning_rate=0.003": {},  # none finished
+}
+
+
+def _write_hand_run(workdir, dice, loss, wall, *, last_step=20):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"num_train_steps": 20}, f)
+  records = [{"step": 0, "num_params": 1234567}]
+  for step in (10, 20)[:1 + (last_step == 20)]:
+    records.append({"step": step, "train/loss": loss[step], "wall_seconds": wall * step / 21})
+    records.append({"step": step, "eval/dice": dice[step], "eval/miou": 0.1,
+                    "wall_seconds": wall * step / 20})
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _expected_table(runs_by_variant):
+  """results.md's table, computed here with numpy from HAND_RUNS-like data."""
+  columns = {  # column -> (value of one run, lower is better)
+      "final eval/dice": (lambda d, l, w: d[20], False),
+      "best eval/dice": (lambda d, l, w: max(d.values()), False),
+      "final train/loss": (lambda d, l, w: l[20], True),
+      "best train/loss": (lambda d, l, w: min(l.values()), True),
+      "wall time": (lambda d, l, w: w, True)}
+  stats = {}
+  for variant, runs in runs_by_variant.items():
+    for column, (value, _) in columns.items():
+      values = np.array([value(*run) for run in runs.values()])
+      stats[variant, column] = ((values.mean(), values.std(ddof=1) if len(values) > 1 else None)
+                                if len(values) else None)
+  best = {}
+  for column, (_, lower) in columns.items():
+    means = {v: stats[v, column][0] for v in runs_by_variant if stats[v, column]}
+    best[column] = (min if lower else max)(means.values())
+  lines = ["| loss.name | optimizer.learning_rate | seeds | steps | final eval/dice | "
+           "best eval/dice | final train/loss | best train/loss | wall time | params |",
+           "|" + "---|" * 10]
+  for variant, runs in runs_by_variant.items():
+    loss_name, lr = (part.split("=")[1] for part in variant.split(","))
+    cells = [loss_name, lr, f"{len(runs)}/3", "20" if runs else "—"]
+    for column in columns:
+      if stats[variant, column] is None:
+        cells.append("—")
+        continue
+      mean, std = stats[variant, column]
+      digits, unit = (0, " s") if column == "wall time" else (4, "")
+      text = f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "") + unit
+      cells.append(f"**{text}**" if mean == best[column] else text)
+    cells.append("1,234,567" if runs else "—")
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def test_report_flag_rewrites_the_table_of_a_hand_made_sweep(tmp_path):
+  """`python -m seg_jax.sweep --workdir=DIR --report` on a sweep directory written by hand
+  (the README's layout DIR/<key=value,...>/seed=N/): the table's means and sample stds are
+  numpy's over the finished seeds; an unfinished or unstarted seed does not count. A second
+  --report after one more run finished rewrites it."""
+  sweep_dir = tmp_path / "sweep"
+  sweep_dir.mkdir()
+  (sweep_dir / "sweep.json").write_text(json.dumps({
+      "axes": {"loss.name": ["ce", "ce+dice"], "optimizer.learning_rate": [0.001, 0.003]},
+      "seeds": [0, 1, 2], "metrics": ["eval/dice", "eval/miou"]}))
+  for variant, runs in HAND_RUNS.items():
+    for seed, run in runs.items():
+      _write_hand_run(sweep_dir / variant / f"seed={seed}", *run)
+  # Not finished: stopped after its step-10 evaluation; a workdir with nothing in it.
+  _write_hand_run(sweep_dir / "loss.name=ce+dice,optimizer.learning_rate=0.001" / "seed=1",
+                  {10: 0.99}, {10: 0.01}, 5.0, last_step=10)
+  (sweep_dir / "loss.name=ce+dice,optimizer.learning_rate=0.001" / "seed=2").mkdir()
+  (sweep_dir / "results.md").write_text("stale\n")
+
+  def report_table():
+    result = _cli(f"--workdir={sweep_dir}", "--report", "--metrics=eval/dice,train/loss")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["wrote", str(sweep_dir / "results.md"), "wrote",
+                                     str(sweep_dir / "results.csv"), "wrote",
+                                     str(sweep_dir / "curves.png")]
+    return [l for l in (sweep_dir / "results.md").read_text().splitlines() if l.startswith("|")]
+
+  expected = _expected_table(HAND_RUNS)
+  assert all("**" in line for line in expected[2:5])  # each finished variant is best somewhere
+  assert report_table() == expected
+  with open(sweep_dir / "results.csv") as f:
+    rows = {row["variant"]: row for row in csv.DictReader(f)}
+  finals = np.array([d[20] for d, _, _ in HAND_RUNS[next(iter(HAND_RUNS))].values()])
+  row = rows[next(iter(HAND_RUNS))]
+  assert float(row["eval/dice final mean"]) == pytest.approx(finals.mean(), rel=1e-12)
+  assert float(row["eval/dice final std"]) == pytest.approx(finals.std(ddof=1), rel=1e-12)
+
+  # One more run finishes: --report alone picks it up.
+  late = ({10: 0.40, 20: 0.45}, {10: 2.0, 20: 1.8}, 300.0)
+  _write_hand_run(sweep_dir / "loss.name=ce+dice,optimizer.learning_rate=0.003" / "seed=1", *late)
+  now = {**HAND_RUNS, "loss.name=ce+dice,optimizer.learning_rate=0.003": {1: late}}
+  assert report_table() == _expected_table(now)

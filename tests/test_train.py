@@ -1,5 +1,6 @@
 """End to end on a tiny config: loss falls, outputs are written, resume continues, NaN stops cleanly."""
 
+import io
 import json
 import os
 
@@ -7,6 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
+from tensorboard.util import tensor_util
 
 from seg_jax import train
 from seg_jax.data import pipeline
@@ -48,6 +50,57 @@ def test_loss_falls_and_outputs_are_written(full_run):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
   assert sorted(steps) == [10, 20, 30]
+
+
+def test_tensorboard_events_hold_the_metrics_jsonl_scalars_and_the_eval_panel(full_run):
+  """Read back with TensorBoard's own reader: every scalar of every metrics.jsonl record is an
+  event at the same step with the same value (float32), no tag or step more; the eval panel
+  image is the PNG in visuals/."""
+  from tensorboard.backend.event_processing import event_accumulator
+  workdir, _ = full_run
+  events = event_accumulator.EventAccumulator(workdir, size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+  panel_tag = "eval/image_truth_prediction"
+  from_events = {}
+  for tag in events.Tags()["tensors"]:
+    if tag != panel_tag:
+      from_events[tag] = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+                          for e in events.Tensors(tag)}
+  from_jsonl = {}
+  for record in _records(workdir):
+    for key, value in record.items():
+      if key != "step":
+        from_jsonl.setdefault(key, {})[record["step"]] = value
+  assert set(from_events) == set(from_jsonl)
+  assert {"train/loss", "train/learning_rate", "eval/dice", "eval/dice/disc", "num_params"} \
+      <= set(from_events)
+  for tag, by_step in from_jsonl.items():
+    assert sorted(from_events[tag]) == sorted(by_step), tag
+    for step, value in by_step.items():
+      assert from_events[tag][step] == pytest.approx(value, rel=1e-6), (tag, step)
+  assert from_events["train/loss"].keys() == {5, 10, 15, 20, 25, 30}
+
+  images = events.Tensors(panel_tag)
+  assert [e.step for e in images] == [30]
+  width, height, png = tensor_util.make_ndarray(images[0].tensor_proto)
+  panel = np.asarray(Image.open(io.BytesIO(png)))
+  on_disk = np.asarray(Image.open(os.path.join(workdir, "visuals", "eval_step_000030.png")))
+  assert (int(width), int(height)) == (on_disk.shape[1], on_disk.shape[0])
+  np.testing.assert_array_equal(panel, on_disk)
+
+
+def test_only_the_newest_keep_checkpoints_remain(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.num_train_steps = 10
+  config.eval_every_steps = 10
+  config.checkpoint_every_steps = 3
+  config.keep_checkpoints = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  saved = [s for s in range(1, 11) if s % 3 == 0 or s == 10]  # 3, 6, 9 and the last step
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(str(s) for s in saved[-2:])
+  manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"))
+  for step in saved[-2:]:
+    assert int(manager.restore(step)["step"]) == step
 
 
 def test_resume_after_stop_continues_from_the_saved_step(full_run, data_dir, tmp_path):

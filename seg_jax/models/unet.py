@@ -81,17 +81,11 @@ class UNet(nn.Module):
       features = widths[level]
       x = layers.make_upsample(self.upsample, features, self.dtype, name=f"upsample{level}")(x)
       if skips[level] is not None:
-        x = jnp.concatenate([self.skip(skips[level], level), x], axis=-1)
+        x = jnp.concatenate([skips[level], x], axis=-1)
       x = block(features, f"up{level}")(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     logits = layers.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(x)
     return logits.astype(jnp.float32)
-
-  def skip(self, features: jnp.ndarray, level: int) -> jnp.ndarray:
-    """The encoder map of `level` as the decoder receives it (a method, so that a test can
-    intercept it and show the decoder depends on it)."""
-    del level
-    return features
 
   def _resnet_encoder(self, x, train):
     """The bottom map (c5), a skip per decoder level (stride 2**level; None where the ResNet has

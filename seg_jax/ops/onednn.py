@@ -57,7 +57,13 @@ def _package_file(package: str, suffix: str) -> pathlib.Path:
 
 
 def _compiler() -> str:
-  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  cxx = os.environ.get("CXX")
+  if cxx:
+    if not shutil.which(cxx):
+      raise OneDNNUnavailable(f"the C++ compiler $CXX={cxx} is missing (not found or not "
+                              "executable); it is needed to build seg_jax/ops/onednn_conv.cc")
+    return cxx
+  cxx = shutil.which("g++") or shutil.which("c++")
   if not cxx:
     raise OneDNNUnavailable("no C++ compiler (g++, c++ or $CXX) to build seg_jax/ops/"
                             "onednn_conv.cc")
