@@ -72,7 +72,7 @@ def test_dilated_conv_matches_numpy():
   """ConvNormAct(dilation=2), used by ASPP, against a direct numpy convolution."""
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 9, 10, 2)).astype(np.float32)
-  conv = layers.ConvNormAct(3, 3, norm="none", dilation=2)
+  conv = layers.ConvNormAct(3, 3, norm=layers.Norm("none"), dilation=2)
   variables = conv.init(jax.random.key(0), jnp.asarray(x), train=False)
   kernel = np.asarray(variables["params"]["Conv_0"]["kernel"])   # [3, 3, 2, 3]
   bias = np.asarray(variables["params"]["Conv_0"]["bias"])

@@ -40,15 +40,14 @@ class ASPP(nn.Module):
   rates: Sequence[int] = (6, 12, 18)
   image_pooling: bool = True
   dropout: float = 0.0
-  norm: str = "batch"
-  norm_groups: int = 8
+  norm: layers.Norm = layers.Norm()
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     conv = lambda kernel, dilation=1, name=None: layers.ConvNormAct(
-        features=self.features, kernel_size=kernel, norm=self.norm, norm_groups=self.norm_groups,
-        dtype=self.dtype, dilation=dilation, name=name)
+        features=self.features, kernel_size=kernel, norm=self.norm, dtype=self.dtype,
+        dilation=dilation, name=name)
     branches = [conv(1, name="conv1x1")(x, train=train)]
     for rate in self.rates:
       branches.append(conv(3, rate, name=f"atrous{rate}")(x, train=train))
@@ -94,12 +93,12 @@ class DeepLabV3Plus(nn.Module):
                              output_stride=self.output_stride, stem=self.stem, norm=self.norm,
                              norm_groups=self.norm_groups, dtype=self.dtype,
                              name="backbone")(x, train=train)
+    norm = layers.Norm(kind=self.norm, groups=self.norm_groups, dtype=self.dtype)
     y = ASPP(features=self.aspp_features, rates=tuple(self.aspp_rates),
-             image_pooling=self.image_pooling, dropout=self.dropout, norm=self.norm,
-             norm_groups=self.norm_groups, dtype=self.dtype, name="aspp")(features["c5"], train=train)
-    conv = lambda f, k, name: layers.ConvNormAct(features=f, kernel_size=k, norm=self.norm,
-                                                 norm_groups=self.norm_groups, dtype=self.dtype,
-                                                 name=name)
+             image_pooling=self.image_pooling, dropout=self.dropout, norm=norm, dtype=self.dtype,
+             name="aspp")(features["c5"], train=train)
+    conv = lambda f, k, name: layers.ConvNormAct(features=f, kernel_size=k, norm=norm,
+                                                 dtype=self.dtype, name=name)
     low = conv(self.low_level_features, 1, "low_level")(features[self.low_level], train=train)
     y = _resize(y, *low.shape[1:3])
     y = jnp.concatenate([y, low], axis=-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -23,8 +24,8 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv_ops.conv_general_dil
 
 def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float32,
               relu: bool = False) -> nn.Module | None:
-  """A normalisation layer by name: 'batch', 'group' or 'none' (None). `relu` is for
-  `norm_relu`: only batch norm takes it.
+  """A normalisation layer by name: 'batch', 'group' or 'none' (None). `relu` fuses the ReLU
+  after it: only batch norm takes it (`Norm` applies it separately for the others).
 
   Batch norm needs no `axis_name`: under `jax.jit` with the batch sharded over
   the mesh, the batch mean is a reduction over the *global* batch, so the
@@ -35,7 +36,7 @@ def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float
     return batch_norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                 dtype=dtype, relu=relu)
   if relu:
-    raise ValueError(f"only batch norm fuses the ReLU; use norm_relu for {kind!r}")
+    raise ValueError(f"only batch norm fuses the ReLU; use Norm(...)(x, relu=True) for {kind!r}")
   if kind == "group":
     return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype)
   if kind == "none":
@@ -43,29 +44,42 @@ def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float
   raise ValueError(f"unknown norm {kind!r}; allowed: batch, group, none")
 
 
-def norm_relu(x: jax.Array, kind: str, *, train: bool, groups: int = 8,
-              dtype: Any = jnp.float32) -> jax.Array:
-  """relu(norm(x)) for the norm named `kind` (make_norm); batch norm computes both in one op."""
-  if kind == "batch":
-    return make_norm(kind, train=train, dtype=dtype, relu=True)(x)
-  norm = make_norm(kind, train=train, groups=groups, dtype=dtype)
-  return nn.relu(x if norm is None else norm(x))
+@dataclasses.dataclass(frozen=True)
+class Norm:
+  """A model's normalisation, made once from its config keys (`norm`, `norm_groups`, the compute
+  dtype) and handed to its blocks. Called inside a module's compact method, it adds the layer to
+  that module (named BatchNorm_0, GroupNorm_0, ... by flax, as before)."""
+  kind: str = "batch"       # batch | group | none
+  groups: int = 8           # group norm's groups
+  dtype: Any = jnp.float32
+
+  @property
+  def conv_bias(self) -> bool:
+    """Whether a conv followed by this norm needs a bias of its own (only without a norm)."""
+    return self.kind == "none"
+
+  def __call__(self, x: jax.Array, *, train: bool, relu: bool = False) -> jax.Array:
+    """norm(x), or relu(norm(x)) (batch norm computes both in one op); 'none' is the identity."""
+    if self.kind == "batch":
+      return make_norm("batch", train=train, dtype=self.dtype, relu=relu)(x)
+    layer = make_norm(self.kind, train=train, groups=self.groups, dtype=self.dtype)
+    y = x if layer is None else layer(x)
+    return nn.relu(y) if relu else y
 
 
 class ConvNormAct(nn.Module):
   """Conv (stride 1, optionally dilated) -> norm -> ReLU. The conv has no bias when a norm follows."""
   features: int
   kernel_size: int = 3
-  norm: str = "batch"
-  norm_groups: int = 8
-  dtype: Any = jnp.float32
+  norm: Norm = Norm()
   dilation: int = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = Conv(self.features, (self.kernel_size,) * 2, kernel_dilation=self.dilation,
-             use_bias=self.norm == "none", dtype=self.dtype)(x)
-    return norm_relu(x, self.norm, train=train, groups=self.norm_groups, dtype=self.dtype)
+             use_bias=self.norm.conv_bias, dtype=self.dtype)(x)
+    return self.norm(x, train=train, relu=True)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

@@ -104,61 +104,47 @@ def _conv(features: int, kernel: int, stride: int = 1, dilation: int = 1, name=N
                  kernel_dilation=dilation, use_bias=use_bias, dtype=dtype, name=name)
 
 
-def _norm(x, kind: str, groups: int, dtype: Any, *, train: bool):
-  """`x` through the configured norm; the identity for 'none'."""
-  norm = layers.make_norm(kind, train=train, groups=groups, dtype=dtype)
-  return x if norm is None else norm(x)
+class _Block(nn.Module):
+  """What both residual blocks share: their fields and the shortcut."""
+  features: int
+  stride: int = 1
+  dilation: int = 1
+  norm: layers.Norm = layers.Norm()
+  dtype: Any = jnp.float32
+
+  def conv(self, features: int, kernel: int, stride: int = 1, dilation: int = 1, name=None):
+    return _conv(features, kernel, stride, dilation, dtype=self.dtype,
+                 use_bias=self.norm.conv_bias, name=name)
+
+  def add_shortcut(self, x, y, features: int, *, train: bool):
+    """relu(shortcut + y): the identity, or a strided 1x1 projection where the shape changes."""
+    if self.stride != 1 or x.shape[-1] != features:
+      x = self.norm(self.conv(features, 1, self.stride, name="proj")(x), train=train)
+    return nn.relu(x + y)
 
 
-def _add_shortcut(x, y, features: int, stride: int, norm, dtype, bias: bool):
-  """relu(shortcut + y): the identity, or a strided 1x1 projection where the shape changes."""
-  if stride != 1 or x.shape[-1] != features:
-    x = norm(_conv(features, 1, stride, dtype=dtype, use_bias=bias, name="proj")(x))
-  return nn.relu(x + y)
-
-
-class BasicBlock(nn.Module):
+class BasicBlock(_Block):
   """Two 3x3 convs with an identity (or 1x1 projection) shortcut."""
-  features: int
-  stride: int = 1
-  dilation: int = 1
-  norm: str = "batch"
-  norm_groups: int = 8
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    norm = lambda y: _norm(y, self.norm, self.norm_groups, self.dtype, train=train)
-    norm_relu = lambda y: layers.norm_relu(y, self.norm, train=train, groups=self.norm_groups,
-                                           dtype=self.dtype)
-    bias = self.norm == "none"
-    y = _conv(self.features, 3, self.stride, self.dilation, dtype=self.dtype, use_bias=bias)(x)
-    y = norm_relu(y)
-    y = _conv(self.features, 3, 1, self.dilation, dtype=self.dtype, use_bias=bias)(y)
-    return _add_shortcut(x, norm(y), self.features, self.stride, norm, self.dtype, bias)
+    y = self.norm(self.conv(self.features, 3, self.stride, self.dilation)(x), train=train,
+                  relu=True)
+    y = self.norm(self.conv(self.features, 3, 1, self.dilation)(y), train=train)
+    return self.add_shortcut(x, y, self.features, train=train)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1 reduce, 3x3 (strided/dilated), 1x1 expand by 4; stride on the 3x3 (ResNet v1.5)."""
-  features: int
-  stride: int = 1
-  dilation: int = 1
-  norm: str = "batch"
-  norm_groups: int = 8
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    norm = lambda y: _norm(y, self.norm, self.norm_groups, self.dtype, train=train)
-    norm_relu = lambda y: layers.norm_relu(y, self.norm, train=train, groups=self.norm_groups,
-                                           dtype=self.dtype)
-    bias = self.norm == "none"
     out = self.features * BOTTLENECK_EXPANSION
-    y = norm_relu(_conv(self.features, 1, dtype=self.dtype, use_bias=bias)(x))
-    y = _conv(self.features, 3, self.stride, self.dilation, dtype=self.dtype, use_bias=bias)(y)
-    y = norm_relu(y)
-    y = norm(_conv(out, 1, dtype=self.dtype, use_bias=bias)(y))
-    return _add_shortcut(x, y, out, self.stride, norm, self.dtype, bias)
+    y = self.norm(self.conv(self.features, 1)(x), train=train, relu=True)
+    y = self.norm(self.conv(self.features, 3, self.stride, self.dilation)(y), train=train,
+                  relu=True)
+    y = self.norm(self.conv(out, 1)(y), train=train)
+    return self.add_shortcut(x, y, out, train=train)
 
 
 class ResNet(nn.Module):
@@ -182,9 +168,9 @@ class ResNet(nn.Module):
     block_kind, blocks = RESNETS[self.arch]
     block_cls = BasicBlock if block_kind == "basic" else Bottleneck
     strides, dilations = stage_strides_and_dilations(self.output_stride, self.stem)
-    norm_relu = lambda y: layers.norm_relu(y, self.norm, train=train, groups=self.norm_groups,
-                                           dtype=self.dtype)
-    bias = self.norm == "none"
+    norm = layers.Norm(kind=self.norm, groups=self.norm_groups, dtype=self.dtype)
+    norm_relu = lambda y: norm(y, train=train, relu=True)
+    bias = norm.conv_bias
     x = x.astype(self.dtype)
     features = {}
     if self.stem == "imagenet":
@@ -209,9 +195,8 @@ class ResNet(nn.Module):
         # atrous ResNet (torchvision's replace_stride_with_dilation), to avoid gridding.
         first_dilation = dilations[stage - 1] if stage else dilation
         x = block_cls(features=self.width * 2 ** stage, stride=stride if i == 0 else 1,
-                      dilation=first_dilation if i == 0 else dilation, norm=self.norm,
-                      norm_groups=self.norm_groups, dtype=self.dtype,
-                      name=f"stage{stage + 1}_block{i + 1}")(x, train=train)
+                      dilation=first_dilation if i == 0 else dilation, norm=norm,
+                      dtype=self.dtype, name=f"stage{stage + 1}_block{i + 1}")(x, train=train)
       features[f"c{stage + 2}"] = x
     return features
 

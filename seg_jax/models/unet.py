@@ -15,16 +15,14 @@ from seg_jax.models import resnet
 class DoubleConv(nn.Module):
   """Two 3x3 conv-norm-ReLU layers: one U-Net level."""
   features: int
-  norm: str
-  norm_groups: int
-  dtype: Any
+  norm: layers.Norm = layers.Norm()
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     for i in range(2):
       x = layers.ConvNormAct(features=self.features, kernel_size=3, norm=self.norm,
-                             norm_groups=self.norm_groups, dtype=self.dtype,
-                             name=f"conv{i + 1}")(x, train=train)
+                             dtype=self.dtype, name=f"conv{i + 1}")(x, train=train)
     return x
 
 
@@ -63,8 +61,8 @@ class UNet(nn.Module):
     if x.shape[1] % divisor or x.shape[2] % divisor:
       raise ValueError(f"this U-Net needs H and W divisible by {divisor}, got {x.shape[1:3]}")
     x = x.astype(self.dtype)
-    block = lambda features, name: DoubleConv(features=features, norm=self.norm,
-                                              norm_groups=self.norm_groups, dtype=self.dtype,
+    norm = layers.Norm(kind=self.norm, groups=self.norm_groups, dtype=self.dtype)
+    block = lambda features, name: DoubleConv(features=features, norm=norm, dtype=self.dtype,
                                               name=name)
     if self.backbone:
       x, skips, widths = self._resnet_encoder(x, train)
