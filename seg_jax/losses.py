@@ -76,6 +76,25 @@ def _safe_divide(num, den):
   return jnp.where(ok, num / jnp.where(ok, den, 1), 0.0)
 
 
+def _label_log_probabilities(logits, labels, ignore_label, valid):
+  """(log softmax probability of each pixel's label, counted pixels, labels, K) of softmax
+  logits (a single logit read as [0, x]): the shared start of cross-entropy and focal loss."""
+  labels = jnp.asarray(labels)
+  logits = _as_multiclass(_check_logits(logits, labels))
+  num_classes = logits.shape[-1]
+  counted = counted_pixels(labels, num_classes, ignore_label, valid)
+  log_pt = _gather_class(jax.nn.log_softmax(logits, axis=-1), labels)
+  return log_pt, counted, labels, num_classes
+
+
+def _per_pixel(class_values, labels, num_classes, name):
+  """A per-class float [K] (class weights, alpha) looked up at each pixel's label."""
+  class_values = jnp.asarray(class_values, jnp.float32)
+  if class_values.shape != (num_classes,):
+    raise ValueError(f'{name} must have shape [K]=({num_classes},), got {class_values.shape}')
+  return class_values[jnp.clip(labels, 0, num_classes - 1)]
+
+
 def _gather_class(values, labels):
   """values[..., labels]: [B,H,W,K] x int [B,H,W] -> [B,H,W] (labels clipped)."""
   k = values.shape[-1]
@@ -105,18 +124,12 @@ def softmax_cross_entropy(logits, labels, *, class_weights=None,
   Returns:
     float32 scalar; 0.0 when no pixel counts.
   """
-  labels = jnp.asarray(labels)
-  logits = _as_multiclass(_check_logits(logits, labels))
-  num_classes = logits.shape[-1]
-  counted = counted_pixels(labels, num_classes, ignore_label, valid)
-  ce = -_gather_class(jax.nn.log_softmax(logits, axis=-1), labels)
+  log_pt, counted, labels, num_classes = _label_log_probabilities(
+      logits, labels, ignore_label, valid)
+  ce = -log_pt
   weight = counted.astype(jnp.float32)
   if class_weights is not None:
-    class_weights = jnp.asarray(class_weights, jnp.float32)
-    if class_weights.shape != (num_classes,):
-      raise ValueError(f'class_weights must have shape [K]=({num_classes},), '
-                       f'got {class_weights.shape}')
-    weight = weight * class_weights[jnp.clip(labels, 0, num_classes - 1)]
+    weight = weight * _per_pixel(class_weights, labels, num_classes, 'class_weights')
   # where() rather than ce * weight: keeps a NaN/inf ce of a non-counted pixel out.
   return _safe_divide(jnp.sum(jnp.where(counted, ce * weight, 0.0)),
                       jnp.sum(weight))
@@ -225,11 +238,8 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, ignore_label=255,
   Returns:
     float32 scalar; 0.0 when no pixel counts.
   """
-  labels = jnp.asarray(labels)
-  logits = _as_multiclass(_check_logits(logits, labels))
-  num_classes = logits.shape[-1]
-  counted = counted_pixels(labels, num_classes, ignore_label, valid)
-  log_pt = _gather_class(jax.nn.log_softmax(logits, axis=-1), labels)
+  log_pt, counted, labels, num_classes = _label_log_probabilities(
+      logits, labels, ignore_label, valid)
   loss = -log_pt
   if gamma != 0:
     # 1 - p_t via expm1 is accurate when p_t is close to 1. The floor keeps the
@@ -238,11 +248,7 @@ def focal_loss(logits, labels, *, gamma=2.0, alpha=None, ignore_label=255,
     one_minus_pt = jnp.maximum(-jnp.expm1(log_pt), 1e-12)
     loss = one_minus_pt ** gamma * loss
   if alpha is not None:
-    alpha = jnp.asarray(alpha, jnp.float32)
-    if alpha.shape != (num_classes,):
-      raise ValueError(
-          f'alpha must have shape [K]=({num_classes},), got {alpha.shape}')
-    loss = loss * alpha[jnp.clip(labels, 0, num_classes - 1)]
+    loss = loss * _per_pixel(alpha, labels, num_classes, 'alpha')
   return _safe_divide(jnp.sum(jnp.where(counted, loss, 0.0)),
                       jnp.sum(counted.astype(jnp.float32)))
 

@@ -8,7 +8,6 @@ global batch (`host_batch_to_global`).
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import numpy as np
@@ -48,7 +47,3 @@ def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, 
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
-
-def to_host(tree: Any) -> Any:
-  """Fetches (fully replicated or fully addressable) arrays to numpy on this host."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
