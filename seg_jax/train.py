@@ -376,19 +376,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Already trained to step %d (num_train_steps=%d); evaluating only.",
                  start_step, total_steps)
   check_every = config.check_finite_every_steps or config.log_every_steps
+  # steps/s and the ETA at every log step (CLU writes `steps_per_sec` and `uptime` and logs
+  # "Setting work unit notes: ... ETA"). It is given a clock that stops during evaluations, so
+  # their time counts in neither.
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_steps=config.log_every_steps, every_secs=None)
+  eval_seconds = 0.0
   profile = None
   if config.profile_steps and jax.process_index() == 0:
     # A trace of profile_steps steps from the second one of this call (the first compiles),
     # for TensorBoard's profile tab (WORKDIR/plugins/profile).
     profile = periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
-                                       first_profile=start_step + 2, every_secs=None)
+                                       profile_duration_ms=None, first_profile=start_step + 2,
+                                       every_secs=None)
 
   with preemption.PreemptionWatcher(every_steps=config.log_every_steps) as watcher:
     try:
       train_iter = pipeline.train_batches(config, trainer.builder, start_step=start_step)
       pending: list[tuple[int, dict]] = []   # device metrics not yet fetched and checked
       history: list[tuple[int, dict]] = []   # checked host metrics since the last log
-      interval_start, interval_steps = time.perf_counter(), 0
       compiled = None
       for step in range(start_step + 1, total_steps + 1):
         batch = parallel.host_batch_to_global(next(train_iter), trainer.mesh)
@@ -398,12 +404,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           compile_s = time.perf_counter() - t0
           logging.info("Compiled the train step in %.1f s", compile_s)
           writer.write_scalars(step, {"compile_seconds": compile_s})
-          interval_start = time.perf_counter()
         state, step_metrics = compiled(state, batch)
         if profile is not None:
           profile(step)
         pending.append((step, step_metrics))
-        interval_steps += 1
 
         is_last = step == total_steps
         is_log = step % config.log_every_steps == 0 or is_last
@@ -415,36 +419,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           _check_finite(fetched, trainer)
           history += fetched
           pending = []
+        # At log steps the metrics were just fetched, so the device has finished the step.
+        progress(step, t=time.monotonic() - eval_seconds)
 
         if is_log:
-          elapsed = time.perf_counter() - interval_start
-          steps_per_s = interval_steps / max(elapsed, 1e-9)
           means = {f"train/{k}": float(np.mean([m[k] for _, m in history]))
                    for k in history[0][1] if k not in ("skipped", "consecutive_skips", "total_skips")}
           means["train/learning_rate"] = history[-1][1]["learning_rate"]
-          means["train/steps_per_sec"] = steps_per_s
-          means["train/img_per_sec"] = steps_per_s * config.batch_size
           if "total_skips" in history[-1][1]:
             means["train/skipped_steps"] = history[-1][1]["total_skips"]
           means["wall_seconds"] = time.perf_counter() - started
           writer.write_scalars(step, means)
-          eta = (total_steps - step) / max(steps_per_s, 1e-9)
           parts = " ".join(f"{k[len('train/loss_'):]} {v:.4f}" for k, v in means.items()
                            if k.startswith("train/loss_"))
-          logging.info("step %d/%d | loss %.4f (%s) | lr %.2e | %.2f steps/s, %.1f img/s | ETA %s",
-                       step, total_steps, means["train/loss"], parts, means["train/learning_rate"],
-                       steps_per_s, means["train/img_per_sec"], _format_seconds(eta))
-          history, interval_steps, interval_start = [], 0, time.perf_counter()
+          logging.info("step %d/%d | loss %.4f (%s) | lr %.2e", step, total_steps,
+                       means["train/loss"], parts, means["train/learning_rate"])
+          history = []
 
         if step % config.eval_every_steps == 0 or is_last:
-          t0 = time.perf_counter()
-          scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
+          t0 = time.monotonic()
+          with progress.timed("eval"):
+            scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
           final_scalars = trainer.task.scalars(scores, trainer.class_names)
           writer.write_scalars(step, {**final_scalars, "wall_seconds": time.perf_counter() - started})
           _write_visuals(trainer, writer, visuals, step)
-          logging.info("eval at step %d (%.1f s): %s\n%s", step, time.perf_counter() - t0,
+          logging.info("eval at step %d (%.1f s): %s\n%s", step, time.monotonic() - t0,
                        trainer.task.headline(scores), trainer.task.table(scores, trainer.class_names))
-          interval_start += time.perf_counter() - t0  # keep eval time out of steps/s
+          eval_seconds += time.monotonic() - t0
 
         if is_save or stop:
           trainer.checkpoints.save(step, args=ocp.args.StandardSave(state))
@@ -490,8 +491,3 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         f"{int(jax.device_get(state.step))}:\n{trainer.task.table(scores, trainer.class_names)}")
   trainer.checkpoints.close()
   return trainer.task.scalars(scores, trainer.class_names)
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -30,8 +30,7 @@ from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Wall-clock quantities, and the per-process start marker, differ between any two runs.
-TIMING_KEYS = ("train/steps_per_sec", "train/img_per_sec", "compile_seconds", "wall_seconds",
-               "num_params")
+TIMING_KEYS = ("steps_per_sec", "uptime", "compile_seconds", "wall_seconds", "num_params")
 
 # main.py; with PAUSE_BEFORE_STEP=N, before handing out step N's batch (steps up to N - 1
 # done and logged) it prints "PAUSED N" and waits for a line on stdin.

@@ -1,5 +1,7 @@
 """End to end on a tiny config: loss falls, outputs are written, resume continues, NaN stops cleanly."""
 
+import glob
+import gzip
 import io
 import json
 import os
@@ -42,7 +44,10 @@ def test_loss_falls_and_outputs_are_written(full_run):
     assert 0.0 <= last[key] <= 1.0
     assert last[key] == pytest.approx(final[key])
   assert final["eval/miou"] == final["eval/jaccard"]
-  assert any("train/steps_per_sec" in r for r in records)
+  # CLU's progress report: steps/s at every log step after the first (its first call only
+  # starts the clock), positive.
+  speeds = [r["steps_per_sec"] for r in records if "steps_per_sec" in r]
+  assert len(speeds) == 6 and min(speeds) > 0, speeds
   # One PNG panel per eval: 4 examples x (image | truth | prediction), scaled 8x from 32 px.
   panel = Image.open(os.path.join(workdir, "visuals", "eval_step_000030.png"))
   assert panel.mode == "RGB" and panel.size[0] == 3 * 34 * 8
@@ -143,3 +148,18 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_d
   restored = manager.restore(5)
   leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored)]
   assert all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
+
+
+def test_profile_steps_writes_a_trace_of_the_train_steps(full_run, data_dir, tmp_path):
+  """config.profile_steps: a TensorBoard profile (CLU's Profile) holding the jitted train step."""
+  assert not os.path.exists(os.path.join(full_run[0], "plugins"))  # off by default
+  config = tiny_config(data_dir)
+  config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 8
+  config.num_eval_visuals = 0
+  config.profile_steps = 3
+  train.train_and_evaluate(config, str(tmp_path))
+  traces = glob.glob(str(tmp_path / "plugins" / "profile" / "*" / "*.trace.json.gz"))
+  assert len(traces) == 1, traces
+  with gzip.open(traces[0]) as f:
+    names = [event.get("name", "") for event in json.load(f)["traceEvents"]]
+  assert sum("jit(train_step)" in name for name in names) >= config.profile_steps
