@@ -73,7 +73,8 @@ def main(argv):
   try:
     config = _CONFIG.value
     config_lib.validate(config)
-    if _MODE.value != "train" and _CONFIG_GIVEN and workdir_lib.has_config(_WORKDIR.value):
+    if _MODE.value != "train" and workdir_lib.has_config(_WORKDIR.value):
+      # The training --config, or an override of the workdir's own, must build its model.
       workdir_lib.check_same_model(config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
@@ -112,9 +113,6 @@ def main(argv):
     _fail(str(e), code=1)
 
 
-_CONFIG_GIVEN = True
-
-
 def _flag_value(argv, name: str) -> str | None:
   """The value of --name=VALUE or --name VALUE in argv (before absl parses it), else None."""
   for i, arg in enumerate(argv[1:], start=1):
@@ -127,11 +125,9 @@ def _flag_value(argv, name: str) -> str | None:
 
 def _with_workdir_config(argv):
   """argv with --config=seg_jax/workdir.py:WORKDIR added for eval/predict without --config."""
-  global _CONFIG_GIVEN
   if _flag_value(argv, "config") is not None or any(a in ("--help", "-h", "--helpfull")
                                                      for a in argv):
     return argv
-  _CONFIG_GIVEN = False
   mode, workdir = _flag_value(argv, "mode") or "train", _flag_value(argv, "workdir")
   if mode == "train" or not workdir:
     _fail("--config is required for training (and for --mode=eval/predict without --workdir)")

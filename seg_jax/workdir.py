@@ -26,6 +26,7 @@ from seg_jax import registry
 from seg_jax.data import image_io
 
 CONFIG_FILE = "config.json"
+USE_OWN = "eval and predict use the workdir's model: leave out --config and model overrides"
 MODEL_FILE = "model.json"
 
 
@@ -124,13 +125,13 @@ def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.model.name != saved.model.name:
     raise config_lib.ConfigError(
         f"config.model.name={config.model.name!r}, but {workdir} holds a {saved.model.name!r}; "
-        "leave out --config to use the workdir's own")
+        f"{USE_OWN}")
   free = {"init_from", *registry.model_entry(config.model.name).inference_keys}
   for key in config.model:
     if key not in free and _tuples(config.model[key]) != _tuples(saved.model[key]):
       raise config_lib.ConfigError(
           f"config.model.{key}={config.model[key]!r}, but the model in {workdir} was trained "
-          f"with {saved.model[key]!r}; leave out --config to use the workdir's own")
+          f"with {saved.model[key]!r}; {USE_OWN}")
   if models.num_logits(config) != models.num_logits(saved) or \
      config.dataset.num_classes != saved.dataset.num_classes:
     raise config_lib.ConfigError(

@@ -134,7 +134,13 @@ def test_a_config_of_another_model_is_one_line_error(run):
   result = _main("--config=configs/deeplabv3plus.py", f"--workdir={workdir}", "--mode=eval")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      f"error: config.model.name='deeplabv3plus', but {workdir} holds a 'unet'; leave out "
-      "--config to use the workdir's own")
+      f"error: config.model.name='deeplabv3plus', but {workdir} holds a 'unet'; eval and "
+      "predict use the workdir's model: leave out --config and model overrides")
+  result = _main(f"--workdir={workdir}", "--mode=predict", "--config.model.width=8",
+                 "--config.predict.input=nothing.png")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: config.model.width=8, but the model in {workdir} was trained with 4; eval and "
+      "predict use the workdir's model: leave out --config and model overrides")
   result = _main(f"--workdir={workdir}", "--mode=train")
   assert result.returncode == 2 and "--config is required for training" in result.stderr
