@@ -116,19 +116,41 @@ def test_deeplab_output_shape_and_aspp_branches(output_stride, image_pooling, lo
 _TINY_HEAD = dict(aspp_features=8, aspp_rates=(1, 2), low_level_features=8, decoder_features=8)
 
 
-def test_deeplab_runs_and_its_logits_depend_on_the_whole_image():
-  """A real forward pass (batch norm, train and eval); image pooling makes every logit
-  depend on a far-away pixel."""
-  model = DeepLabV3Plus(3, "resnet10", 8, 8, "small", **_TINY_HEAD)
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+# Receptive-field radius of DeepLabV3Plus("resnet10", 8, output_stride=8, "small", **_TINY_HEAD)
+# in input pixels, summed layer by layer as (kernel // 2) * dilation * input stride (a 2x2 pool
+# adds its stride once, a 2x bilinear upsampling one source pixel): stem 3x3 (1), pool (1),
+# 3x3 at stride 2 (2), pool (2); stage 1: two 3x3 at stride 4 (8); stage 2: 3x3/2 at stride 4
+# (4) and 3x3 at stride 8 (8); stage 3: two 3x3 at stride 8 (16); stage 4: two 3x3 dilated 2 at
+# stride 8 (32); ASPP rate 2 at stride 8 (16); upsampling stride 8 -> 4 (8); decoder: two 3x3 at
+# stride 4 (8); upsampling stride 4 -> 1 (4).
+_TINY_RECEPTIVE_RADIUS = 1 + 1 + 2 + 2 + 8 + 4 + 8 + 16 + 32 + 16 + 8 + 8 + 4   # 110
+
+
+@pytest.mark.parametrize("image_pooling", [True, False])
+def test_deeplab_runs_and_its_logits_depend_on_the_whole_image(image_pooling):
+  """A real forward pass (batch norm, train and eval) on an image more than twice the backbone's
+  receptive field: a patch in the far corner moves every logit with image pooling, and without
+  it leaves every logit farther than the receptive field from the patch exactly as it was."""
+  size, patch = 256, 32
+  assert size - patch > _TINY_RECEPTIVE_RADIUS   # the top-left corner cannot see the patch
+  model = DeepLabV3Plus(3, "resnet10", 8, 8, "small", image_pooling=image_pooling, **_TINY_HEAD)
+  x = jax.random.normal(jax.random.key(1), (1, size, size, 3))
   variables = jax.jit(lambda x: model.init(init_key(0), x, train=False))(x)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  y = apply(variables, x)
-  assert y.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(y)))
+  y = np.asarray(apply(variables, x))
+  assert y.shape == (1, size, size, 3) and np.isfinite(y).all()
   # A patch, not one pixel: a strided 1x1 projection sees only every other pixel.
-  y2 = apply(variables, x.at[:, -8:, -8:].add(10.0))
-  assert float(jnp.abs(y2[:, 0, 0] - y[:, 0, 0]).max()) > 0
-  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+  y2 = np.asarray(apply(variables, x.at[:, -patch:, -patch:].add(10.0)))
+  changed = np.abs(y2 - y).max(axis=-1)[0] > 0
+  if image_pooling:
+    assert changed.all()
+  else:
+    near = size - patch - _TINY_RECEPTIVE_RADIUS
+    rows, cols = np.nonzero(changed)
+    assert rows.size and rows.min() >= near and cols.min() >= near, (rows.min(), cols.min())
+    np.testing.assert_array_equal(y2[0, :near], y[0, :near])
+    np.testing.assert_array_equal(y2[0, :, :near], y[0, :, :near])
+  _, updates = model.apply(variables, x[:, :32, :32], train=True, mutable=["batch_stats"],
                            rngs={"dropout": jax.random.key(2)})
   assert "backbone" in updates["batch_stats"]
 
