@@ -209,28 +209,41 @@ import json, sys
 import jax
 from seg_jax import train
 from tests.conftest import tiny_detector_config
-data_dir, workdir = sys.argv[1:3]
+data_dir, workdir, one_device_workdir = sys.argv[1:4]
 assert jax.device_count() == 4, jax.devices()
 config = tiny_detector_config(data_dir)
 config.conv_backend = "xla"
 print("RESULT " + json.dumps(train.train_and_evaluate(config, workdir)))
+# The 1-device run's final checkpoint, evaluated here with the eval batch sharded over 4 devices.
+print("EVAL " + json.dumps(train.evaluate(config, one_device_workdir)))
 """
 
 
 def test_detector_training_matches_on_four_devices(detector_run, detector_config, tmp_path):
-  """The batch sharded over 4 simulated devices: the same losses and COCO scores as on 1."""
+  """The batch sharded over 4 simulated devices: the same losses and COCO scores as on 1, and
+  the 1-device checkpoint evaluated on 4 devices scores exactly what it scored on 1."""
   one_dir, one = detector_run
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   result = subprocess.run(
-      [sys.executable, "-c", _RUN_ON_FOUR, detector_config.dataset.data_dir, str(tmp_path)],
+      [sys.executable, "-c", _RUN_ON_FOUR, detector_config.dataset.data_dir, str(tmp_path), one_dir],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
-  line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  four = json.loads(line[len("RESULT "):])
+  printed = {l.split(" ", 1)[0]: json.loads(l.split(" ", 1)[1])
+             for l in result.stdout.splitlines() if l.startswith(("RESULT ", "EVAL "))}
+  four, four_eval = printed["RESULT"], printed["EVAL"]
   one_losses = [r["train/loss"] for r in _records(one_dir) if "train/loss" in r]
   four_losses = [r["train/loss"] for r in _records(str(tmp_path)) if "train/loss" in r]
   assert four_losses[0] == pytest.approx(one_losses[0], rel=1e-4)
   assert four_losses == pytest.approx(one_losses, rel=2e-2)
   for key in ("eval/box_AP50", "eval/mask_AP50"):
     assert four[key] == pytest.approx(one[key], abs=0.05), key
+  # Every COCO statistic of the same checkpoint, bit for bit (NaN where COCO has no objects).
+  ap_keys = [k for k in one if k.startswith(("eval/box_", "eval/mask_"))]
+  assert len(ap_keys) == 12 and any(one[k] > 0 for k in ap_keys), one
+  for key in ap_keys:
+    assert key in four_eval, key
+    if np.isnan(one[key]):
+      assert np.isnan(four_eval[key]), key
+    else:
+      assert four_eval[key] == one[key], (key, four_eval[key], one[key])
