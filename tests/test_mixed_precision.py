@@ -76,6 +76,24 @@ def test_bfloat16_computes_in_bf16_with_float32_parameters_and_loss(data_dir, tm
   assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
   assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
   assert {x.dtype for x in jax.tree.leaves(new_state.batch_stats)} == {jnp.dtype(jnp.float32)}
+  # The optimiser state stays float32 too: AdamW's moments have the parameters' tree, shapes and
+  # dtype, and after one step from zero mu = (1 - b1) g and nu = (1 - b2) g^2, so
+  # nu = (1 - b2) / (1 - b1)^2 * mu^2 to float32 rounding (bf16 moments would miss by ~1e-2).
+  floats = [x for x in jax.tree.leaves(new_state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
+  adam = [x for x in jax.tree.leaves(new_state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+          if hasattr(x, "mu")]
+  assert len(adam) == 1, adam
+  o = trainer.config.optimizer
+  params_structure = jax.tree.structure(new_state.params)
+  for name in ("mu", "nu"):
+    moment = getattr(adam[0], name)
+    assert jax.tree.structure(moment) == params_structure, name
+    assert {x.dtype for x in jax.tree.leaves(moment)} == {jnp.dtype(jnp.float32)}, name
+  mu = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(adam[0].mu)])
+  nu = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(adam[0].nu)])
+  assert np.abs(mu).max() > 0
+  np.testing.assert_allclose(nu, (1 - o.b2) / (1 - o.b1) ** 2 * mu ** 2, rtol=1e-5, atol=1e-30)
 
 
 def test_bfloat16_eval_of_float32_weights_matches_float32(float32_run, data_dir):
