@@ -43,6 +43,51 @@ def test_standard_resnets_have_torchvisions_parameter_count(arch):
   assert sum(x.size for x in jax.tree.leaves(variables["params"])) == TORCHVISION_PARAMS[arch]
 
 
+def _numpy_conv(x, kernel, bias, stride, pad):
+  """Cross-correlation of x [H, W, C] with kernel [k, k, C, F], zero-padded by `pad` on every
+  side (torch.nn.Conv2d(padding=pad)), sampled every `stride` pixels from the first."""
+  k = kernel.shape[0]
+  padded = np.pad(x.astype(np.float64), ((pad, pad), (pad, pad), (0, 0)))
+  out_h = (x.shape[0] + 2 * pad - k) // stride + 1
+  out_w = (x.shape[1] + 2 * pad - k) // stride + 1
+  out = np.zeros((out_h, out_w, kernel.shape[-1]))
+  for a in range(k):
+    for b in range(k):
+      window = padded[a:a + stride * out_h:stride, b:b + stride * out_w:stride]
+      out += window @ kernel[a, b].astype(np.float64)
+  return out + (0 if bias is None else bias)
+
+
+def test_strided_resnet_convs_pad_symmetrically_as_torchvision():
+  """The 7x7/2 stem conv (padding 3), a block's 3x3/2 conv (padding 1) and its 1x1/2 projection
+  (padding 0) against numpy convolutions padded as torchvision's are. On an even input, XLA's
+  'SAME' would pad 2 before and 3 after for the stem (1 and 2 in the 3x3's case) and so shift
+  every output by one tap; the output shapes are the same either way."""
+  model = resnet.ResNet("resnet18", 8, 32, "imagenet", norm="none")  # norm none: convs keep a bias
+  x = np.random.default_rng(0).normal(size=(1, 30, 34, 3)).astype(np.float32)
+  variables = model.init(init_key(0), jnp.asarray(x), train=False)
+  features, state = model.apply(variables, jnp.asarray(x), train=False, capture_intermediates=True)
+  params, captured = variables["params"], state["intermediates"]
+
+  stem = params["stem_conv"]
+  got = np.asarray(captured["stem_conv"]["__call__"][0][0])
+  assert got.shape == (15, 17, 8)
+  want = _numpy_conv(x[0], np.asarray(stem["kernel"]), np.asarray(stem["bias"]), 2, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(features["c1"][0]), np.maximum(want, 0), rtol=1e-4,
+                             atol=1e-4)
+
+  block = params["stage2_block1"]
+  c2 = np.asarray(features["c2"][0])            # the block's input: 8 x 9 (even and odd sides)
+  assert c2.shape == (8, 9, 8)
+  for name, pad in (("Conv_0", 1), ("proj", 0)):
+    got = np.asarray(captured["stage2_block1"][name]["__call__"][0][0])
+    want = _numpy_conv(c2, np.asarray(block[name]["kernel"]), np.asarray(block[name]["bias"]), 2,
+                       pad)
+    assert got.shape == want.shape == (4, 5, 16), name
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("dilated_stages", [0, 1, 2])
 @pytest.mark.parametrize("stem,stem_stride", [("imagenet", 4), ("small", 4), ("small_stride2", 2)])
