@@ -327,31 +327,91 @@ def test_init_from_errors(tmp_path):
     init_from.initialize(variables, str(tmp_path / "empty_dir"))
 
 
-def test_train_then_init_from_workdir(data_dir, tmp_path):
-  """A DeepLab run, then a second run initialised from its workdir: step 0 of the second holds
-  the first one's final parameters and batch statistics, as Orbax reads them back."""
+@pytest.fixture(scope="module")
+def deeplab_run(data_dir, tmp_path_factory):
+  """A 4-step DeepLab run with checkpoints at steps 2 and 4, and its config."""
   config = _deeplab_config(data_dir)
   config.num_train_steps = 4
   config.eval_every_steps = 4
-  config.checkpoint_every_steps = 4
+  config.checkpoint_every_steps = 2
   config.log_every_steps = 2
   config.num_eval_visuals = 0
-  first = str(tmp_path / "first")
+  first = str(tmp_path_factory.mktemp("deeplab_first"))
   scalars = train.train_and_evaluate(config, first)
   assert np.isfinite(scalars["eval/dice"])
+  assert sorted(os.listdir(os.path.join(first, "checkpoints"))) == ["2", "4"]
+  return config, first
 
-  saved = ocp.StandardCheckpointer().restore(os.path.join(first, "checkpoints", "4", "default"))
-  second_config = ml_collections.ConfigDict(config.to_dict())
-  second_config.model.init_from = first
-  second = str(tmp_path / "second")
-  os.makedirs(second)
-  trainer = train.Trainer(second_config, second)
-  state = trainer.initial_state()
-  assert int(state.step) == 0
+
+def _saved(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
+
+
+def _initial_state(config, workdir, init_from_path):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.init_from = init_from_path
+  os.makedirs(workdir, exist_ok=True)
+  trainer = train.Trainer(config, workdir)
+  try:
+    return trainer.initial_state()
+  finally:
+    trainer.checkpoints.close()
+
+
+def _assert_variables_equal(state, saved):
   for collection in ("params", "batch_stats"):
-    got, want = _flat(jax.device_get(state.__getattribute__(collection))), _flat(saved[collection])
+    got, want = _flat(jax.device_get(getattr(state, collection))), _flat(saved[collection])
     assert got.keys() == want.keys()
     for name in want:
       np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_train_then_init_from_workdir(deeplab_run, tmp_path):
+  """A DeepLab run, then a second run initialised from its workdir: step 0 of the second holds
+  the first one's final parameters and batch statistics, as Orbax reads them back."""
+  config, first = deeplab_run
+  saved = _saved(first, 4)
+  second = str(tmp_path / "second")
+  state = _initial_state(config, second, first)
+  assert int(state.step) == 0
+  _assert_variables_equal(state, saved)
   with open(os.path.join(second, "init_from.txt")) as f:
     assert f.readline().startswith(f"init_from {first}: loaded {len(_flat(saved['params'])) + len(_flat(saved['batch_stats']))} arrays; 0 with another shape")
+
+
+def _zeros_like(saved):
+  return {c: jax.tree.map(jnp.zeros_like, saved[c]) for c in ("params", "batch_stats")}
+
+
+def test_init_from_an_orbax_checkpoint_directory(deeplab_run):
+  """The directory holding step directories gives the newest step; a step directory (or its
+  item directory) gives that step, not the newest."""
+  _, first = deeplab_run
+  saved = {step: _saved(first, step) for step in (2, 4)}
+  # Not vacuous: steps 2 and 4 differ.
+  assert any((_flat(saved[2]["params"])[k] != v).any() for k, v in _flat(saved[4]["params"]).items())
+  for where, step in (("checkpoints", 4), ("checkpoints/2", 2), ("checkpoints/2/default", 2)):
+    variables, report = init_from.initialize(_zeros_like(saved[4]), os.path.join(first, where))
+    assert not (report.shape_mismatch or report.missing or report.unused), where
+    for collection in ("params", "batch_stats"):
+      got, want = _flat(jax.device_get(variables[collection])), _flat(saved[step][collection])
+      assert got.keys() == want.keys(), where
+      for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{where}: {name}")
+
+
+def test_an_existing_checkpoint_wins_over_init_from(deeplab_run, tmp_path):
+  """A workdir that has a checkpoint resumes from it, whatever model.init_from says (a source
+  that does load, with other values)."""
+  config, first = deeplab_run
+  saved = _saved(first, 4)
+  other = {c: jax.tree.map(lambda x: np.asarray(x) + 1, saved[c]) for c in ("params", "batch_stats")}
+  source = str(tmp_path / "other.npz")
+  init_from.save_npz(source, other)
+  loaded, report = init_from.initialize(_zeros_like(saved), source)
+  assert len(report.loaded) == len(_flat(saved["params"])) + len(_flat(saved["batch_stats"]))
+
+  resumed = _initial_state(config, first, source)
+  assert int(resumed.step) == 4
+  _assert_variables_equal(resumed, saved)
+  assert not os.path.exists(os.path.join(first, "init_from.txt"))
