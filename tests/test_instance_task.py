@@ -232,6 +232,30 @@ def test_a_resumed_detector_ends_bit_identical_to_an_uninterrupted_one(detector_
   assert losses(str(tmp_path)) == losses(one_dir) and len(losses(one_dir)) == 4
 
 
+def test_eval_mode_of_a_detector_workdir_without_config_prints_its_coco_table(detector_run):
+  """`main.py --mode=eval` with only the workdir: it rebuilds the Mask R-CNN from config.json
+  and prints the COCO table, whose numbers are those the run's final evaluation returned (same
+  checkpoint, same convolution backend from config.json)."""
+  one_dir, final = detector_run
+  result = subprocess.run([sys.executable, "main.py", f"--workdir={one_dir}", "--mode=eval"],
+                          cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "at step 20:" in result.stdout
+  stats = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+  lines = result.stdout.splitlines()
+  header = next(i for i, l in enumerate(lines) if l.split() == stats)
+  for kind, line in zip(("box", "mask"), lines[header + 1:header + 3]):
+    name, *values = line.split()
+    assert name == kind and len(values) == len(stats), line
+    for stat, printed in zip(stats, values):
+      want = final[f"eval/{kind}_{stat}"]
+      if np.isnan(want):   # no objects of that size
+        assert printed == "nan", (kind, stat, printed)
+      else:
+        assert float(printed) == pytest.approx(want, abs=5e-5), (kind, stat, printed, want)
+
+
 def test_predict_mode_refuses_a_detector(detector_config, tmp_path):
   from seg_jax import predict
   config = tiny_detector_config(detector_config.dataset.data_dir)
