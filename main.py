@@ -80,11 +80,15 @@ def main(argv):
     _fail(str(e))
   except OSError as e:  # ml_collections: the config file could not be loaded
     _fail(" ".join(str(e).split()))
-  if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None:
+  distributed = cli.distributed_options(_DISTRIBUTED.value, _COORDINATOR.value,
+                                        _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if distributed is not None:
     # CPU processes need a collectives backend to form one cluster (GPUs/TPUs have their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    try:
+      jax.distributed.initialize(**distributed)
+    except (ValueError, RuntimeError) as e:  # e.g. no cluster JAX can detect, coordinator gone
+      _fail(f"--distributed: jax.distributed.initialize failed: {' '.join(str(e).split())[:300]}")
   if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -50,3 +50,31 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(unknown_override_message(override, e))
   except (TypeError, ValueError) as e:
     fail(f"bad config override: {e}")
+
+
+def distributed_options(distributed: bool, coordinator_address: str | None,
+                        num_processes: int | None, process_id: int | None) -> dict | None:
+  """main.py's multi-host flags -> the keyword arguments of jax.distributed.initialize, or None
+  for a single-process run. Any of the three values implies --distributed (a lone --process_id
+  is never ignored). Bad values and combinations stop with one line (`fail`); whatever JAX
+  must find itself (SLURM, Open MPI, TPU pods, JAX_COORDINATOR_ADDRESS) is left to it."""
+  if not (distributed or coordinator_address or num_processes is not None
+          or process_id is not None):
+    return None
+  if coordinator_address is not None:
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      fail(f"--coordinator_address={coordinator_address}: must be HOST:PORT (the address of "
+           "process 0), e.g. 10.0.0.1:12345")
+  if num_processes is not None and num_processes < 1:
+    fail(f"--num_processes={num_processes}: must be at least 1")
+  if process_id is not None:
+    if process_id < 0:
+      fail(f"--process_id={process_id}: must be at least 0")
+    if num_processes is not None and process_id >= num_processes:
+      fail(f"--process_id={process_id}: must be below --num_processes={num_processes}")
+  if coordinator_address and (num_processes is None) != (process_id is None):
+    fail("--coordinator_address needs both --num_processes and --process_id (or neither, where "
+         "the cluster provides them)")
+  return {"coordinator_address": coordinator_address, "num_processes": num_processes,
+          "process_id": process_id}

@@ -150,3 +150,57 @@ def test_bad_values(key, value, message):
   (config[section] if section else config)[name] = value
   with pytest.raises(config_lib.ConfigError, match=f"config.{key}=.*{message}"):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ((False, None, None, None), None),
+    ((True, None, None, None), {"coordinator_address": None, "num_processes": None, "process_id": None}),
+    # Each of the three implies --distributed; a lone --process_id is not ignored.
+    ((False, "10.0.0.1:12345", 4, 3), {"coordinator_address": "10.0.0.1:12345", "num_processes": 4,
+                                        "process_id": 3}),
+    ((False, None, None, 1), {"coordinator_address": None, "num_processes": None, "process_id": 1}),
+    ((False, None, 2, None), {"coordinator_address": None, "num_processes": 2, "process_id": None}),
+    ((False, "[::1]:80", None, None), {"coordinator_address": "[::1]:80", "num_processes": None,
+                                       "process_id": None}),
+])
+def test_distributed_flags_give_jaxs_arguments(flags, expected):
+  from seg_jax import cli
+  assert cli.distributed_options(*flags) == expected
+
+
+@pytest.mark.parametrize("flags,message", [
+    ((False, "host0", 2, 0), "--coordinator_address=host0: must be HOST:PORT"),
+    ((False, "host0:port", 2, 0), "--coordinator_address=host0:port: must be HOST:PORT"),
+    ((False, ":1234", 2, 0), "--coordinator_address=:1234: must be HOST:PORT"),
+    ((False, "host0:70000", 2, 0), "--coordinator_address=host0:70000: must be HOST:PORT"),
+    ((True, None, 0, None), "--num_processes=0: must be at least 1"),
+    ((False, None, None, -1), "--process_id=-1: must be at least 0"),
+    ((False, "h:1", 2, 2), "--process_id=2: must be below --num_processes=2"),
+    ((False, "h:1", 2, None), "--coordinator_address needs both --num_processes and --process_id"),
+    ((False, "h:1", None, 0), "--coordinator_address needs both --num_processes and --process_id"),
+])
+def test_bad_distributed_flags_are_one_line_errors(flags, message, capsys):
+  from seg_jax import cli
+  with pytest.raises(SystemExit) as exit_:
+    cli.distributed_options(*flags)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_main_turns_distributed_flags_and_jax_errors_into_one_line(tmp_path):
+  """Through main.py: a bad combination stops before JAX starts a cluster; a cluster JAX cannot
+  form (no process count, none to detect) is one line too, not a traceback."""
+  bad = _run_main(f"--workdir={tmp_path}", "--num_processes=2", "--process_id=5")
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1] == "error: --process_id=5: must be below --num_processes=2"
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "JAX_COORD"))}
+  undetected = subprocess.run(
+      [sys.executable, "main.py", "--config=configs/unet.py", f"--workdir={tmp_path}",
+       "--distributed"], cwd=REPO, env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+      text=True, timeout=120)
+  assert undetected.returncode == 2, undetected.stderr[-2000:]
+  last = undetected.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: --distributed: jax.distributed.initialize failed: "), last
+  assert "Traceback" not in undetected.stderr
+  assert not os.listdir(tmp_path)

@@ -378,6 +378,71 @@ def test_train_batch_and_padded_eval_batches_count_only_real_pixels(good, good_d
   assert (b["image"][i, 28:] == -1).all() and (b["image"][i, :, 52:] == -1).all()  # black padding
 
 
+def _resize_axis_weights(src, dst):
+  """[dst, src] bilinear interpolation matrix with half-pixel centres, edges clamped."""
+  centres = np.clip((np.arange(dst) + 0.5) * src / dst - 0.5, 0, src - 1)
+  lo = np.floor(centres).astype(int)
+  hi = np.minimum(lo + 1, src - 1)
+  frac = centres - lo
+  weights = np.zeros((dst, src))
+  weights[np.arange(dst), lo] += 1 - frac
+  weights[np.arange(dst), hi] += frac
+  return weights
+
+
+def _nearest(mask, h, w):
+  """Nearest-neighbour resize with half-pixel centres: output pixel i takes source pixel
+  floor((i + 0.5) * src / dst)."""
+  rows = np.minimum(np.floor((np.arange(h) + 0.5) * mask.shape[0] / h).astype(int), mask.shape[0] - 1)
+  cols = np.minimum(np.floor((np.arange(w) + 0.5) * mask.shape[1] / w).astype(int), mask.shape[1] - 1)
+  return mask[rows][:, cols]
+
+
+@pytest.mark.parametrize("shorter,sizes,canvas", [
+    (40, {"tif16": (40, 74), "rgb16": (40, 48), "plain2": (40, 94)}, (64, 96)),   # upsampled
+    (16, {"tif16": (16, 30), "rgb16": (16, 19), "plain2": (16, 38)}, (32, 64)),   # downsampled
+])
+def test_resize_sets_the_shorter_side_and_the_eval_canvas_of_a_folder(good, good_data_dir,
+                                                                      shorter, sizes, canvas):
+  """dataset.resize: each validation image and mask at its resized size (numpy bilinear, not
+  antialiased, and nearest-neighbour resizes written here), on a canvas from the resized sizes."""
+  root, expected = good
+  config = _folder_config(root, good_data_dir)
+  config.dataset.resize = shorter
+  builder, _ = pipeline.prepare_dataset(config)
+
+  resized = {}
+  for stem in ("tif16", "rgb16", "plain2"):        # 28x52, 20x24, 26x61
+    h, w = expected[stem][1].shape
+    scale = shorter / min(h, w)
+    resized[stem] = (int(np.floor(h * scale + 0.5)), int(np.floor(w * scale + 0.5)))
+  assert resized == sizes
+  # Largest resized height and width, rounded up to eval_pad_multiple=32 (natively 32x64).
+  assert canvas == tuple(-(-max(size[k] for size in sizes.values()) // 32) * 32 for k in (0, 1))
+  assert pipeline.eval_canvas(config, builder, "validation") == canvas
+  batches = list(pipeline.eval_batches(config, builder, "validation"))
+  assert len(batches) == 1 and batches[0]["image"].shape == (4, *canvas, 3)
+  b = batches[0]
+  assert b["valid"].tolist() == [True, True, True, False]
+
+  found = set()
+  for i in range(3):
+    for stem, (h, w) in resized.items():
+      image, mask = expected[stem]
+      want_mask = _nearest(mask, h, w)
+      if (b["mask"][i, :h, :w] == want_mask).mean() < 0.9:
+        continue
+      found.add(stem)
+      np.testing.assert_array_equal(b["mask"][i, :h, :w], want_mask, err_msg=stem)
+      assert (b["mask"][i, h:] == IGNORE).all() and (b["mask"][i, :, w:] == IGNORE).all()
+      unit = image.astype(np.float64) / 65535.0
+      want_image = np.einsum("yh,hwc,xw->yxc", _resize_axis_weights(unit.shape[0], h), unit,
+                             _resize_axis_weights(unit.shape[1], w)) * 2 - 1
+      np.testing.assert_allclose(b["image"][i, :h, :w], want_image, atol=2e-5, err_msg=stem)
+      assert (b["image"][i, h:] == -1).all() and (b["image"][i, :, w:] == -1).all()
+  assert found == set(resized)
+
+
 def test_grey_16bit_folder_builds_a_one_channel_model_and_evaluates(tmp_path):
   """channels inferred as 1: the model is initialised for 1 input channel and eval runs end to end."""
   from seg_jax import train

@@ -196,6 +196,66 @@ def test_detector_trains_in_the_shared_loop_and_reports_coco_ap(detector_run):
   assert picture.size[0] == 3 * (32 * 8 + 4) and picture.size[1] >= 4 * (32 * 8 + 4)
 
 
+def _flat_checkpoint(workdir, step):
+  import jax
+  import orbax.checkpoint as ocp
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(step), "default"))
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def test_a_resumed_detector_ends_bit_identical_to_an_uninterrupted_one(detector_run,
+                                                                       detector_config, tmp_path):
+  """Stopped after step 10 and resumed to 20: the step-20 state (parameters, batch statistics,
+  optimiser state) and every logged loss equal the uninterrupted run's bit for bit. The RoI
+  sampling key is folded from the seed and the step, so the resumed steps sample the same RoIs
+  (and the constant learning rate makes a 10-step run a prefix of the 20-step one)."""
+  one_dir, _ = detector_run
+  config = tiny_detector_config(detector_config.dataset.data_dir)
+  config.conv_backend = "xla"  # as detector_run
+  assert config.optimizer.schedule == "constant" and config.num_train_steps == 20
+  config.num_train_steps = 10
+  config.checkpoint_every_steps = config.eval_every_steps = 10
+  config.num_eval_visuals = 0
+  train.train_and_evaluate(config, str(tmp_path))
+  config.num_train_steps = 20
+  config.checkpoint_every_steps = config.eval_every_steps = 20
+  train.train_and_evaluate(config, str(tmp_path))
+
+  want, got = _flat_checkpoint(one_dir, 20), _flat_checkpoint(str(tmp_path), 20)
+  assert got.keys() == want.keys() and len(want) > 50
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  losses = lambda workdir: {r["step"]: {k: v for k, v in r.items() if k.startswith("train/loss")}
+                            for r in _records(workdir) if "train/loss" in r}
+  assert losses(str(tmp_path)) == losses(one_dir) and len(losses(one_dir)) == 4
+
+
+def test_eval_mode_of_a_detector_workdir_without_config_prints_its_coco_table(detector_run):
+  """`main.py --mode=eval` with only the workdir: it rebuilds the Mask R-CNN from config.json
+  and prints the COCO table, whose numbers are those the run's final evaluation returned (same
+  checkpoint, same convolution backend from config.json)."""
+  one_dir, final = detector_run
+  result = subprocess.run([sys.executable, "main.py", f"--workdir={one_dir}", "--mode=eval"],
+                          cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "at step 20:" in result.stdout
+  stats = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+  lines = result.stdout.splitlines()
+  header = next(i for i, l in enumerate(lines) if l.split() == stats)
+  for kind, line in zip(("box", "mask"), lines[header + 1:header + 3]):
+    name, *values = line.split()
+    assert name == kind and len(values) == len(stats), line
+    for stat, printed in zip(stats, values):
+      want = final[f"eval/{kind}_{stat}"]
+      if np.isnan(want):   # no objects of that size
+        assert printed == "nan", (kind, stat, printed)
+      else:
+        assert float(printed) == pytest.approx(want, abs=5e-5), (kind, stat, printed, want)
+
+
 def test_predict_mode_refuses_a_detector(detector_config, tmp_path):
   from seg_jax import predict
   config = tiny_detector_config(detector_config.dataset.data_dir)
@@ -209,28 +269,41 @@ import json, sys
 import jax
 from seg_jax import train
 from tests.conftest import tiny_detector_config
-data_dir, workdir = sys.argv[1:3]
+data_dir, workdir, one_device_workdir = sys.argv[1:4]
 assert jax.device_count() == 4, jax.devices()
 config = tiny_detector_config(data_dir)
 config.conv_backend = "xla"
 print("RESULT " + json.dumps(train.train_and_evaluate(config, workdir)))
+# The 1-device run's final checkpoint, evaluated here with the eval batch sharded over 4 devices.
+print("EVAL " + json.dumps(train.evaluate(config, one_device_workdir)))
 """
 
 
 def test_detector_training_matches_on_four_devices(detector_run, detector_config, tmp_path):
-  """The batch sharded over 4 simulated devices: the same losses and COCO scores as on 1."""
+  """The batch sharded over 4 simulated devices: the same losses and COCO scores as on 1, and
+  the 1-device checkpoint evaluated on 4 devices scores exactly what it scored on 1."""
   one_dir, one = detector_run
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   result = subprocess.run(
-      [sys.executable, "-c", _RUN_ON_FOUR, detector_config.dataset.data_dir, str(tmp_path)],
+      [sys.executable, "-c", _RUN_ON_FOUR, detector_config.dataset.data_dir, str(tmp_path), one_dir],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
-  line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  four = json.loads(line[len("RESULT "):])
+  printed = {l.split(" ", 1)[0]: json.loads(l.split(" ", 1)[1])
+             for l in result.stdout.splitlines() if l.startswith(("RESULT ", "EVAL "))}
+  four, four_eval = printed["RESULT"], printed["EVAL"]
   one_losses = [r["train/loss"] for r in _records(one_dir) if "train/loss" in r]
   four_losses = [r["train/loss"] for r in _records(str(tmp_path)) if "train/loss" in r]
   assert four_losses[0] == pytest.approx(one_losses[0], rel=1e-4)
   assert four_losses == pytest.approx(one_losses, rel=2e-2)
   for key in ("eval/box_AP50", "eval/mask_AP50"):
     assert four[key] == pytest.approx(one[key], abs=0.05), key
+  # Every COCO statistic of the same checkpoint, bit for bit (NaN where COCO has no objects).
+  ap_keys = [k for k in one if k.startswith(("eval/box_", "eval/mask_"))]
+  assert len(ap_keys) == 12 and any(one[k] > 0 for k in ap_keys), one
+  for key in ap_keys:
+    assert key in four_eval, key
+    if np.isnan(one[key]):
+      assert np.isnan(four_eval[key]), key
+    else:
+      assert four_eval[key] == one[key], (key, four_eval[key], one[key])

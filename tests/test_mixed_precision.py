@@ -76,6 +76,24 @@ def test_bfloat16_computes_in_bf16_with_float32_parameters_and_loss(data_dir, tm
   assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
   assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
   assert {x.dtype for x in jax.tree.leaves(new_state.batch_stats)} == {jnp.dtype(jnp.float32)}
+  # The optimiser state stays float32 too: AdamW's moments have the parameters' tree, shapes and
+  # dtype, and after one step from zero mu = (1 - b1) g and nu = (1 - b2) g^2, so
+  # nu = (1 - b2) / (1 - b1)^2 * mu^2 to float32 rounding (bf16 moments would miss by ~1e-2).
+  floats = [x for x in jax.tree.leaves(new_state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}
+  adam = [x for x in jax.tree.leaves(new_state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+          if hasattr(x, "mu")]
+  assert len(adam) == 1, adam
+  o = trainer.config.optimizer
+  params_structure = jax.tree.structure(new_state.params)
+  for name in ("mu", "nu"):
+    moment = getattr(adam[0], name)
+    assert jax.tree.structure(moment) == params_structure, name
+    assert {x.dtype for x in jax.tree.leaves(moment)} == {jnp.dtype(jnp.float32)}, name
+  mu = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(adam[0].mu)])
+  nu = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(adam[0].nu)])
+  assert np.abs(mu).max() > 0
+  np.testing.assert_allclose(nu, (1 - o.b2) / (1 - o.b1) ** 2 * mu ** 2, rtol=1e-5, atol=1e-30)
 
 
 def test_bfloat16_eval_of_float32_weights_matches_float32(float32_run, data_dir):
@@ -113,3 +131,47 @@ def test_matmul_precision_reaches_the_train_and_eval_steps(data_dir, tmp_path, p
       assert set(re.findall(r"stablehlo<precision (\w+)>", conv)) <= {hlo_precision}, (name, conv)
       if precision != "default":  # DEFAULT may be written out or left implicit
         assert f"precision {hlo_precision}>" in conv, (name, conv)
+
+
+@pytest.mark.parametrize("precision,hlo_precision", [("default", "DEFAULT"), ("highest", "HIGHEST")])
+def test_matmul_precision_reaches_predict(float32_run, data_dir, tmp_path, monkeypatch, precision,
+                                          hlo_precision):
+  """--mode=predict (predict.run on the trained workdir) compiles its tile function with the
+  config's matmul_precision: the lowering it compiles is captured and its StableHLO read."""
+  from PIL import Image
+  from seg_jax import predict
+  workdir, _ = float32_run
+  config = _config(data_dir, "float32")
+  config.matmul_precision = precision
+  config.conv_backend = "xla"  # the precision is XLA's; oneDNN computes float32 on the CPU anyway
+  config.predict.tile_size = 32
+  config.predict.input = str(tmp_path / "scene.png")
+  config.predict.output = str(tmp_path / "out")
+  Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(config.predict.input)
+  lowered = []
+  real_jit = jax.jit
+
+  def recording_jit(*args, **kwargs):
+    jitted = real_jit(*args, **kwargs)
+
+    class Recording:
+      def __call__(self, *a, **k):
+        return jitted(*a, **k)
+
+      def lower(self, *a, **k):
+        lowered.append(jitted.lower(*a, **k))
+        return lowered[-1]
+    return Recording()
+
+  monkeypatch.setattr(jax, "jit", recording_jit)
+  result = predict.run(config, workdir)
+  monkeypatch.undo()
+  assert len(result["predicted"]) == 1
+  tile_functions = [l for l in lowered if "stablehlo.convolution" in l.as_text()]
+  assert len(tile_functions) == 1, len(lowered)
+  convs = re.findall(r"stablehlo\.convolution.*", tile_functions[0].as_text())
+  assert len(convs) == 2 * 5 + 2 + 1, convs   # 5 double convs, 2 learned upsamplings, the head
+  for conv in convs:
+    assert set(re.findall(r"stablehlo<precision (\w+)>", conv)) <= {hlo_precision}, conv
+    if precision != "default":  # DEFAULT may be written out or left implicit
+      assert f"precision {hlo_precision}>" in conv, conv

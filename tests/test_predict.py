@@ -412,6 +412,64 @@ def test_main_predict_writes_labels_overlays_and_probabilities(trained_workdir, 
   assert np.load(out / "grey16_probs.npy").shape == (24, 40, 6)
 
 
+def _contaminated(plan, radius):
+  """Pixels within `radius` of an edge, inside the image, of any tile that covers them."""
+  mask = np.zeros((plan.height, plan.width), bool)
+  t = plan.tile_size
+  for y, x in plan.positions():
+    if y > 0:
+      mask[y:y + radius, x:x + t] = True
+    if y + t < plan.height:
+      mask[y + t - radius:y + t, x:x + t] = True
+    if x > 0:
+      mask[y:y + t, x:x + radius] = True
+    if x + t < plan.width:
+      mask[y:y + t, x + t - radius:x + t] = True
+  return mask
+
+
+# Receptive-field radius of tiny_config's U-Net (depth 2), summed as (kernel // 2) * input
+# stride: two 3x3 convs at stride 1 (2), a 2x2 pool (1), two at stride 2 (4), a pool (2), two at
+# stride 4 (8), then after each 1x1 + depth-to-space upsampling two at stride 2 (4) and at 1 (2).
+UNET_RADIUS = 2 + 1 + 4 + 2 + 8 + 4 + 2   # 23
+
+
+def test_tiled_prediction_of_a_trained_unet_equals_the_whole_image_away_from_tile_edges(
+    trained_workdir):
+  """The trained U-Net (batch-norm statistics, pooling, learned upsampling, skips) through
+  make_tile_function and predict_image, against flax's apply on the whole image at once."""
+  config, _, workdir = trained_workdir
+  trainer = train.Trainer(config, workdir, with_data=False)
+  try:
+    state = trainer.latest_checkpoint_state()
+  finally:
+    trainer.checkpoints.close()
+  assert int(state.step) == 2
+  variables = train.model_variables(state)
+  tile, overlap, height, width = 96, 0.25, 168, 240
+  plan = tiling.plan_tiles(height, width, tile, overlap)
+  # Tiles start on the 4-pixel grid of the U-Net's two poolings, as the whole image does, so
+  # that away from tile edges a tile sees exactly what the whole image sees.
+  assert plan.ys == (0, 72) and plan.xs == (0, 72, 144)
+  image = _random_image((height, width, 3), seed=3)
+  mesh = parallel.make_mesh()
+  tile_fn = predict.make_tile_function(trainer.model, variables, tta="none", batch_size=2,
+                                       tile_size=tile, channels=3, mesh=mesh)
+  bands = list(predict.predict_image(image, tile_fn, num_classes=6, tile_size=tile,
+                                     overlap=overlap, batch_size=2))
+  tiled = np.concatenate([band for _, band in bands])
+  assert tiled.shape == (height, width, 6)
+
+  full = _apply(trainer.model, variables, image)
+  contaminated = _contaminated(plan, UNET_RADIUS)
+  clean = ~contaminated
+  assert clean.mean() > 0.6
+  np.testing.assert_allclose(tiled[clean], full[clean], atol=1e-5)
+  # Not vacuous: near interior tile edges the tiles' zero padding does change the output.
+  assert np.abs(tiled - full)[contaminated].max() > 1e-3
+  assert (tiled.argmax(-1) == full.argmax(-1))[clean].all()
+
+
 def test_eval_mode_still_prints_the_per_class_table(trained_workdir, capsys):
   config, _, workdir = trained_workdir
   scores = train.evaluate(config, workdir)

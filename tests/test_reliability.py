@@ -420,3 +420,33 @@ def test_nonfinite_parameters_are_named(short_config, tmp_path):
   short_config.check_finite_every_steps = 1
   with pytest.raises(train.NonFiniteError, match=r"non-finite param_norm \(inf\) at step 1;"):
     train.train_and_evaluate(short_config, str(tmp_path))
+
+
+def test_finite_check_before_a_checkpoint_between_log_steps(short_config, tmp_path, monkeypatch):
+  """log_every_steps=10 and a checkpoint every 4 steps: a NaN at step 6, between log steps, stops
+  the run at step 8 before step 8's checkpoint is written, naming step 6; step 4's checkpoint
+  is kept and holds exactly what a clean run stopped at step 4 holds."""
+  short_config.log_every_steps = 10
+  short_config.checkpoint_every_steps = 4
+  assert short_config.check_finite_every_steps == 0   # so: every log step and every checkpoint
+  _nan_at(monkeypatch, {6})
+  nan_dir = tmp_path / "nan"
+  with pytest.raises(train.NonFiniteError) as error:
+    train.train_and_evaluate(short_config, str(nan_dir))
+  assert str(error.value) == ("non-finite loss (nan) at step 6; training stopped without saving; "
+                              f"last good checkpoint: step 4 in {nan_dir / 'checkpoints'}")
+  manager = ocp.CheckpointManager(str(nan_dir / "checkpoints"))
+  assert manager.all_steps() == [4]
+  saved = _flat_state(manager.restore(4))
+  manager.close()
+
+  clean = short_config.copy_and_resolve_references()
+  clean.num_train_steps = 4
+  clean_dir = tmp_path / "clean"
+  train.train_and_evaluate(clean, str(clean_dir))   # steps 1-4 see the same batches
+  manager = ocp.CheckpointManager(str(clean_dir / "checkpoints"))
+  want = _flat_state(manager.restore(4))
+  manager.close()
+  assert saved.keys() == want.keys() and len(want) > 10
+  for name in want:
+    np.testing.assert_array_equal(saved[name], want[name], err_msg=name)

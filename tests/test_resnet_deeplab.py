@@ -43,6 +43,51 @@ def test_standard_resnets_have_torchvisions_parameter_count(arch):
   assert sum(x.size for x in jax.tree.leaves(variables["params"])) == TORCHVISION_PARAMS[arch]
 
 
+def _numpy_conv(x, kernel, bias, stride, pad):
+  """Cross-correlation of x [H, W, C] with kernel [k, k, C, F], zero-padded by `pad` on every
+  side (torch.nn.Conv2d(padding=pad)), sampled every `stride` pixels from the first."""
+  k = kernel.shape[0]
+  padded = np.pad(x.astype(np.float64), ((pad, pad), (pad, pad), (0, 0)))
+  out_h = (x.shape[0] + 2 * pad - k) // stride + 1
+  out_w = (x.shape[1] + 2 * pad - k) // stride + 1
+  out = np.zeros((out_h, out_w, kernel.shape[-1]))
+  for a in range(k):
+    for b in range(k):
+      window = padded[a:a + stride * out_h:stride, b:b + stride * out_w:stride]
+      out += window @ kernel[a, b].astype(np.float64)
+  return out + (0 if bias is None else bias)
+
+
+def test_strided_resnet_convs_pad_symmetrically_as_torchvision():
+  """The 7x7/2 stem conv (padding 3), a block's 3x3/2 conv (padding 1) and its 1x1/2 projection
+  (padding 0) against numpy convolutions padded as torchvision's are. On an even input, XLA's
+  'SAME' would pad 2 before and 3 after for the stem (1 and 2 in the 3x3's case) and so shift
+  every output by one tap; the output shapes are the same either way."""
+  model = resnet.ResNet("resnet18", 8, 32, "imagenet", norm="none")  # norm none: convs keep a bias
+  x = np.random.default_rng(0).normal(size=(1, 30, 34, 3)).astype(np.float32)
+  variables = model.init(init_key(0), jnp.asarray(x), train=False)
+  features, state = model.apply(variables, jnp.asarray(x), train=False, capture_intermediates=True)
+  params, captured = variables["params"], state["intermediates"]
+
+  stem = params["stem_conv"]
+  got = np.asarray(captured["stem_conv"]["__call__"][0][0])
+  assert got.shape == (15, 17, 8)
+  want = _numpy_conv(x[0], np.asarray(stem["kernel"]), np.asarray(stem["bias"]), 2, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(features["c1"][0]), np.maximum(want, 0), rtol=1e-4,
+                             atol=1e-4)
+
+  block = params["stage2_block1"]
+  c2 = np.asarray(features["c2"][0])            # the block's input: 8 x 9 (even and odd sides)
+  assert c2.shape == (8, 9, 8)
+  for name, pad in (("Conv_0", 1), ("proj", 0)):
+    got = np.asarray(captured["stage2_block1"][name]["__call__"][0][0])
+    want = _numpy_conv(c2, np.asarray(block[name]["kernel"]), np.asarray(block[name]["bias"]), 2,
+                       pad)
+    assert got.shape == want.shape == (4, 5, 16), name
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("dilated_stages", [0, 1, 2])
 @pytest.mark.parametrize("stem,stem_stride", [("imagenet", 4), ("small", 4), ("small_stride2", 2)])
@@ -116,19 +161,41 @@ def test_deeplab_output_shape_and_aspp_branches(output_stride, image_pooling, lo
 _TINY_HEAD = dict(aspp_features=8, aspp_rates=(1, 2), low_level_features=8, decoder_features=8)
 
 
-def test_deeplab_runs_and_its_logits_depend_on_the_whole_image():
-  """A real forward pass (batch norm, train and eval); image pooling makes every logit
-  depend on a far-away pixel."""
-  model = DeepLabV3Plus(3, "resnet10", 8, 8, "small", **_TINY_HEAD)
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+# Receptive-field radius of DeepLabV3Plus("resnet10", 8, output_stride=8, "small", **_TINY_HEAD)
+# in input pixels, summed layer by layer as (kernel // 2) * dilation * input stride (a 2x2 pool
+# adds its stride once, a 2x bilinear upsampling one source pixel): stem 3x3 (1), pool (1),
+# 3x3 at stride 2 (2), pool (2); stage 1: two 3x3 at stride 4 (8); stage 2: 3x3/2 at stride 4
+# (4) and 3x3 at stride 8 (8); stage 3: two 3x3 at stride 8 (16); stage 4: two 3x3 dilated 2 at
+# stride 8 (32); ASPP rate 2 at stride 8 (16); upsampling stride 8 -> 4 (8); decoder: two 3x3 at
+# stride 4 (8); upsampling stride 4 -> 1 (4).
+_TINY_RECEPTIVE_RADIUS = 1 + 1 + 2 + 2 + 8 + 4 + 8 + 16 + 32 + 16 + 8 + 8 + 4   # 110
+
+
+@pytest.mark.parametrize("image_pooling", [True, False])
+def test_deeplab_runs_and_its_logits_depend_on_the_whole_image(image_pooling):
+  """A real forward pass (batch norm, train and eval) on an image more than twice the backbone's
+  receptive field: a patch in the far corner moves every logit with image pooling, and without
+  it leaves every logit farther than the receptive field from the patch exactly as it was."""
+  size, patch = 256, 32
+  assert size - patch > _TINY_RECEPTIVE_RADIUS   # the top-left corner cannot see the patch
+  model = DeepLabV3Plus(3, "resnet10", 8, 8, "small", image_pooling=image_pooling, **_TINY_HEAD)
+  x = jax.random.normal(jax.random.key(1), (1, size, size, 3))
   variables = jax.jit(lambda x: model.init(init_key(0), x, train=False))(x)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  y = apply(variables, x)
-  assert y.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(y)))
+  y = np.asarray(apply(variables, x))
+  assert y.shape == (1, size, size, 3) and np.isfinite(y).all()
   # A patch, not one pixel: a strided 1x1 projection sees only every other pixel.
-  y2 = apply(variables, x.at[:, -8:, -8:].add(10.0))
-  assert float(jnp.abs(y2[:, 0, 0] - y[:, 0, 0]).max()) > 0
-  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"],
+  y2 = np.asarray(apply(variables, x.at[:, -patch:, -patch:].add(10.0)))
+  changed = np.abs(y2 - y).max(axis=-1)[0] > 0
+  if image_pooling:
+    assert changed.all()
+  else:
+    near = size - patch - _TINY_RECEPTIVE_RADIUS
+    rows, cols = np.nonzero(changed)
+    assert rows.size and rows.min() >= near and cols.min() >= near, (rows.min(), cols.min())
+    np.testing.assert_array_equal(y2[0, :near], y[0, :near])
+    np.testing.assert_array_equal(y2[0, :, :near], y[0, :, :near])
+  _, updates = model.apply(variables, x[:, :32, :32], train=True, mutable=["batch_stats"],
                            rngs={"dropout": jax.random.key(2)})
   assert "backbone" in updates["batch_stats"]
 
@@ -260,31 +327,91 @@ def test_init_from_errors(tmp_path):
     init_from.initialize(variables, str(tmp_path / "empty_dir"))
 
 
-def test_train_then_init_from_workdir(data_dir, tmp_path):
-  """A DeepLab run, then a second run initialised from its workdir: step 0 of the second holds
-  the first one's final parameters and batch statistics, as Orbax reads them back."""
+@pytest.fixture(scope="module")
+def deeplab_run(data_dir, tmp_path_factory):
+  """A 4-step DeepLab run with checkpoints at steps 2 and 4, and its config."""
   config = _deeplab_config(data_dir)
   config.num_train_steps = 4
   config.eval_every_steps = 4
-  config.checkpoint_every_steps = 4
+  config.checkpoint_every_steps = 2
   config.log_every_steps = 2
   config.num_eval_visuals = 0
-  first = str(tmp_path / "first")
+  first = str(tmp_path_factory.mktemp("deeplab_first"))
   scalars = train.train_and_evaluate(config, first)
   assert np.isfinite(scalars["eval/dice"])
+  assert sorted(os.listdir(os.path.join(first, "checkpoints"))) == ["2", "4"]
+  return config, first
 
-  saved = ocp.StandardCheckpointer().restore(os.path.join(first, "checkpoints", "4", "default"))
-  second_config = ml_collections.ConfigDict(config.to_dict())
-  second_config.model.init_from = first
-  second = str(tmp_path / "second")
-  os.makedirs(second)
-  trainer = train.Trainer(second_config, second)
-  state = trainer.initial_state()
-  assert int(state.step) == 0
+
+def _saved(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
+
+
+def _initial_state(config, workdir, init_from_path):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.init_from = init_from_path
+  os.makedirs(workdir, exist_ok=True)
+  trainer = train.Trainer(config, workdir)
+  try:
+    return trainer.initial_state()
+  finally:
+    trainer.checkpoints.close()
+
+
+def _assert_variables_equal(state, saved):
   for collection in ("params", "batch_stats"):
-    got, want = _flat(jax.device_get(state.__getattribute__(collection))), _flat(saved[collection])
+    got, want = _flat(jax.device_get(getattr(state, collection))), _flat(saved[collection])
     assert got.keys() == want.keys()
     for name in want:
       np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_train_then_init_from_workdir(deeplab_run, tmp_path):
+  """A DeepLab run, then a second run initialised from its workdir: step 0 of the second holds
+  the first one's final parameters and batch statistics, as Orbax reads them back."""
+  config, first = deeplab_run
+  saved = _saved(first, 4)
+  second = str(tmp_path / "second")
+  state = _initial_state(config, second, first)
+  assert int(state.step) == 0
+  _assert_variables_equal(state, saved)
   with open(os.path.join(second, "init_from.txt")) as f:
     assert f.readline().startswith(f"init_from {first}: loaded {len(_flat(saved['params'])) + len(_flat(saved['batch_stats']))} arrays; 0 with another shape")
+
+
+def _zeros_like(saved):
+  return {c: jax.tree.map(jnp.zeros_like, saved[c]) for c in ("params", "batch_stats")}
+
+
+def test_init_from_an_orbax_checkpoint_directory(deeplab_run):
+  """The directory holding step directories gives the newest step; a step directory (or its
+  item directory) gives that step, not the newest."""
+  _, first = deeplab_run
+  saved = {step: _saved(first, step) for step in (2, 4)}
+  # Not vacuous: steps 2 and 4 differ.
+  assert any((_flat(saved[2]["params"])[k] != v).any() for k, v in _flat(saved[4]["params"]).items())
+  for where, step in (("checkpoints", 4), ("checkpoints/2", 2), ("checkpoints/2/default", 2)):
+    variables, report = init_from.initialize(_zeros_like(saved[4]), os.path.join(first, where))
+    assert not (report.shape_mismatch or report.missing or report.unused), where
+    for collection in ("params", "batch_stats"):
+      got, want = _flat(jax.device_get(variables[collection])), _flat(saved[step][collection])
+      assert got.keys() == want.keys(), where
+      for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=f"{where}: {name}")
+
+
+def test_an_existing_checkpoint_wins_over_init_from(deeplab_run, tmp_path):
+  """A workdir that has a checkpoint resumes from it, whatever model.init_from says (a source
+  that does load, with other values)."""
+  config, first = deeplab_run
+  saved = _saved(first, 4)
+  other = {c: jax.tree.map(lambda x: np.asarray(x) + 1, saved[c]) for c in ("params", "batch_stats")}
+  source = str(tmp_path / "other.npz")
+  init_from.save_npz(source, other)
+  loaded, report = init_from.initialize(_zeros_like(saved), source)
+  assert len(report.loaded) == len(_flat(saved["params"])) + len(_flat(saved["batch_stats"]))
+
+  resumed = _initial_state(config, first, source)
+  assert int(resumed.step) == 4
+  _assert_variables_equal(resumed, saved)
+  assert not os.path.exists(os.path.join(first, "init_from.txt"))
