@@ -39,13 +39,14 @@ from benchmarks import harness
 from seg_jax import config as config_lib
 from seg_jax import parallel
 from seg_jax import train
+from seg_jax.ops import conv as conv_ops
 
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per step.")
 _SIZE = flags.DEFINE_integer("image_size", 128, "Square image side.")
 _WIDTH = flags.DEFINE_integer("width", 32, "Channels of the first level.")
 _DEPTH = flags.DEFINE_integer("depth", 4, "Downsamplings.")
 _CLASSES = flags.DEFINE_integer("num_classes", 3, "Classes (logits).")
-_CONV_BACKEND = flags.DEFINE_enum("conv_backend", "auto", config_lib.CONV_BACKENDS,
+_CONV_BACKEND = flags.DEFINE_enum("conv_backend", "auto", conv_ops.BACKENDS,
                                   "seg_jax's config.conv_backend (seg_jax/ops/conv.py).")
 _STEPS = flags.DEFINE_integer("steps", 15, "Timed steps (after 3 warm-up steps), each framework.")
 
