@@ -36,6 +36,7 @@ import numpy as np
 
 from benchmarks import flops as flop_count
 from benchmarks import harness
+from benchmarks import synthetic_data
 from seg_jax import config as config_lib
 from seg_jax import parallel
 from seg_jax import train
@@ -106,7 +107,7 @@ def _inputs() -> tuple[np.ndarray, np.ndarray]:
 
 def seg_jax_step(images: np.ndarray, labels: np.ndarray):
   """(run one step, compile seconds, parameters) of seg_jax's train step."""
-  config = config_lib.base_config()
+  config = config_lib.base_config(dataset=synthetic_data.SYNTHETIC.name)
   config.dataset.image_size, config.dataset.num_classes = _SIZE.value, _CLASSES.value
   config.model.width, config.model.depth = _WIDTH.value, _DEPTH.value
   config.loss.name = "ce"

@@ -1,8 +1,22 @@
-"""Synthetic batches of the data contract for the benchmarks."""
+"""Synthetic batches of the data contract for the benchmarks, and the `synthetic` dataset entry
+that lets a benchmark's config name any number of classes (the batches are made here, never read
+from a dataset)."""
 
 import numpy as np
 
 from seg_jax import config as config_lib
+from seg_jax import registry
+from seg_jax.data.errors import DataError
+
+
+def _no_examples(config, data_dir):
+  raise DataError("dataset 'synthetic' has no examples: the benchmarks make their batches with "
+                  "benchmarks/synthetic_data.batch")
+
+
+SYNTHETIC = registry.register_dataset(registry.DatasetEntry(
+    name="synthetic", defaults={}, prepare=_no_examples, default_num_classes=3,
+    has_instances=True, description="random batches made by the benchmarks"))
 
 
 def batch(config) -> dict:
