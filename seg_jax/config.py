@@ -108,6 +108,13 @@ def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
   return c
 
 
+# config.dataset keys of every dataset that describe the input pipeline rather than the data
+# (with_dataset keeps them); the others are the name, its class count and eval split, and the
+# dataset's own keys.
+PIPELINE_KEYS = ("data_dir", "ignore_label", "image_size", "max_instances", "resize", "eval_size",
+                 "eval_pad_multiple", "shuffle_buffer", "cache", "augment")
+
+
 def _dataset_section(name: str) -> ml_collections.ConfigDict:
   """The input pipeline's keys, for every dataset, and the dataset's own keys."""
   entry = registry.dataset_entry(name)
@@ -175,9 +182,7 @@ def with_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections
   the dataset's own keys, class count and eval split at its defaults."""
   out = ml_collections.ConfigDict(config.to_dict())
   section = _dataset_section(name)
-  generic = set(_dataset_section(DEFAULT_DATASET)) - set(
-      registry.dataset_entry(DEFAULT_DATASET).defaults) - {"name", "num_classes", "eval_split"}
-  for key in generic:
+  for key in PIPELINE_KEYS:
     section[key] = config.dataset[key]
   out.dataset = section
   return out
@@ -253,11 +258,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first unknown key or bad value."""
   _check_sections(config)
   known = _flat(base_config(config.model.name, config.dataset.name))
-  for key, value in _flat(config).items():
+  for key, value in _flat(config).items():  # before the loop below: unknown keys first
     if key not in known:
       _unknown_key(key, value, config, known)
+  present = _flat(config)
   for key in known:
-    if key not in _flat(config):
+    if key not in present:
       _fail(key, None, "missing (the config was built for another version of seg_jax?)")
 
   def choice(key, allowed):

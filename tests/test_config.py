@@ -204,3 +204,19 @@ def test_main_turns_distributed_flags_and_jax_errors_into_one_line(tmp_path):
   assert last.startswith("error: --distributed: jax.distributed.initialize failed: "), last
   assert "Traceback" not in undetected.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_with_dataset_keeps_the_pipeline_keys_and_resets_the_datasets_own():
+  config = config_lib.base_config(dataset="shapes")
+  config.dataset.image_size, config.dataset.augment.hue = 96, 0.0
+  config.dataset.num_train, config.dataset.num_classes = 10, 6
+  switched = config_lib.with_dataset(config, "oxford_iiit_pet")
+  assert switched.dataset.image_size == 96 and switched.dataset.augment.hue == 0.0
+  assert switched.dataset.num_classes == 3 and switched.dataset.eval_split == "test"
+  assert "num_train" not in switched.dataset and switched.dataset.download is False
+  # Every dataset's section is the pipeline keys, its name, class count, eval split, own keys.
+  from seg_jax import registry
+  for name in registry.dataset_names():
+    section = set(config_lib.base_config(dataset=name).dataset)
+    own = set(registry.dataset_entry(name).defaults)
+    assert section - own == {*config_lib.PIPELINE_KEYS, "name", "num_classes", "eval_split"}, name
