@@ -92,14 +92,9 @@ def _assign(config: ml_collections.ConfigDict, saved: dict, *, where: str, prefi
     if isinstance(default, ml_collections.ConfigDict):
       _assign(default, value, where=where, prefix=f"{name}.")
       continue
-    if isinstance(value, list):
-      value = _tuples(value)
+    value = models.as_tuples(value)
     with config.ignore_type():
       config[key] = value
-
-
-def _tuples(value):
-  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def read_model_info(workdir: str) -> dict:
@@ -128,7 +123,8 @@ def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"{USE_OWN}")
   free = {"init_from", *registry.model_entry(config.model.name).inference_keys}
   for key in config.model:
-    if key not in free and _tuples(config.model[key]) != _tuples(saved.model[key]):
+    differs = models.as_tuples(config.model[key]) != models.as_tuples(saved.model[key])
+    if key not in free and differs:
       raise config_lib.ConfigError(
           f"config.model.{key}={config.model[key]!r}, but the model in {workdir} was trained "
           f"with {saved.model[key]!r}; {USE_OWN}")

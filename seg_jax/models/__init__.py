@@ -20,10 +20,11 @@ from seg_jax.models.detection import mask_rcnn  # registers mask_rcnn, faster_rc
 RUN_KEYS = ("name", "init_from")  # config.model keys that are not the module's fields
 
 
-def _as_field(value):
-  """Config values as module fields: lists (a config read back from JSON) become tuples."""
+def as_tuples(value):
+  """A config value as a module field: lists (a config read back from JSON, or written in a
+  config file) become tuples, nested ones too."""
   if isinstance(value, (list, tuple)):
-    return tuple(_as_field(v) for v in value)
+    return tuple(as_tuples(v) for v in value)
   return value
 
 
@@ -37,7 +38,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   """The module of `config.model.name`, called with config.model's keys and the run's dtype and
   output size (see `registry.ModelEntry`)."""
   entry = registry.model_entry(config.model.name)
-  fields = {k: _as_field(v) for k, v in config.model.items() if k not in RUN_KEYS}
+  fields = {k: as_tuples(v) for k, v in config.model.items() if k not in RUN_KEYS}
   run = {"dtype": jnp.dtype(config.dtype)}
   if entry.task == "semantic":
     run["num_logits"] = num_logits(config)
