@@ -4,8 +4,9 @@
   python main.py --workdir=runs/unet --mode=eval
   python main.py --workdir=runs/unet --mode=predict \
       --config.predict.input='images/*.png' [--config.predict.output=OUT]
+  python main.py --workdir=runs/unet --mode=export [--config.export.step=N]
 
-Eval and predict take the config the workdir was trained with (WORKDIR/config.json)
+Eval, predict and export take the config the workdir was trained with (WORKDIR/config.json)
 when --config is left out; their --config.predict.* (and other) overrides still apply.
 
 Multi-host: the same command on every host, plus --distributed (or
@@ -38,11 +39,12 @@ from seg_jax import config as config_lib
 from seg_jax import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/unet.py; for --mode=eval/predict the "
+    "config", None, "Experiment config file, e.g. configs/unet.py; for --mode=eval/predict/export the "
     "workdir's own config if left out.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
-                          "train (resumes automatically), eval, or predict (config.predict.*).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"],
+                          "train (resumes automatically), eval, predict (config.predict.*), or "
+                          "export (ONNX/TFLite/SavedModel/StableHLO in WORKDIR/export).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
     "Multi-host run: call jax.distributed.initialize(). On TPU pods, SLURM, Open MPI and "
@@ -96,6 +98,7 @@ def main(argv):
                jax.devices()[0].platform, jax.process_count())
 
   # Imported after flag parsing so that `--help` and config errors are instant.
+  from seg_jax import export
   from seg_jax import init_from
   from seg_jax import predict
   from seg_jax import train
@@ -108,12 +111,14 @@ def main(argv):
               "saved; run the same command again to resume", file=sys.stderr)
     elif _MODE.value == "eval":
       train.evaluate(config, _WORKDIR.value)
-    else:
+    elif _MODE.value == "predict":
       predict.run(config, _WORKDIR.value)
+    else:
+      export.run(config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
   except (pipeline.DataError, train.NonFiniteError, workdir_lib.WorkdirError, FileNotFoundError,
-          init_from.InitFromError) as e:
+          init_from.InitFromError, export.ExportError) as e:
     _fail(str(e), code=1)
 
 
@@ -128,13 +133,13 @@ def _flag_value(argv, name: str) -> str | None:
 
 
 def _with_workdir_config(argv):
-  """argv with --config=seg_jax/workdir.py:WORKDIR added for eval/predict without --config."""
+  """argv with --config=seg_jax/workdir.py:WORKDIR added for eval/predict/export without --config."""
   if _flag_value(argv, "config") is not None or any(a in ("--help", "-h", "--helpfull")
                                                      for a in argv):
     return argv
   mode, workdir = _flag_value(argv, "mode") or "train", _flag_value(argv, "workdir")
   if mode == "train" or not workdir:
-    _fail("--config is required for training (and for --mode=eval/predict without --workdir)")
+    _fail("--config is required for training (and for --mode=eval/predict/export without --workdir)")
   if not workdir_lib.has_config(workdir):
     _fail(f"{workdir} has no {workdir_lib.CONFIG_FILE}: give the training --config")
   return [argv[0], f"--config={os.path.abspath(workdir_lib.__file__)}:{workdir}", *argv[1:]]

@@ -2,7 +2,7 @@
 
 Every experiment config (`configs/*.py`) starts from `base_config(model=...,
 dataset=...)`: the run keys documented here (seed, batch, steps, optimiser,
-loss, checkpointing, predict) and, under `config.model` and `config.dataset`,
+loss, checkpointing, predict, export) and, under `config.model` and `config.dataset`,
 the keys of the chosen model family and dataset, which their own modules
 define (`seg_jax/registry.py`). `validate(config)` runs before anything is
 built: an unknown key (a typo in a config file or in `--config.x=y`) or a bad
@@ -105,6 +105,11 @@ def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
   c.predict.tta = "none"            # flip test-time augmentation: none | hflip | hvflip
   c.predict.save_probabilities = False  # also write <stem>_probs.npy (float16 [H, W, classes])
   c.predict.batch_size = 4          # tiles per device call (a multiple of the device count)
+
+  # --mode=export: ONNX, TFLite, SavedModel and StableHLO files in WORKDIR/export (seg_jax/export.py).
+  c.export = ml_collections.ConfigDict()
+  c.export.step = 0                 # checkpoint step to export; 0 = the newest
+  c.export.image_size = 0           # TFLite's fixed square input, pixels; 0 = dataset.image_size
   return c
 
 
@@ -323,6 +328,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("predict.tile_size", config.predict.tile_size,
           f"must be divisible by {multiple} ({reason})")
   registry.check_fraction("predict.overlap", config.predict.overlap, closed=False)
+  registry.check_int("export.step", config.export.step, minimum=0)
+  registry.check_int("export.image_size", config.export.image_size, minimum=0)
+  if config.export.image_size % multiple:
+    _fail("export.image_size", config.export.image_size,
+          f"must be divisible by {multiple} ({reason}), or 0 for dataset.image_size")
   if not isinstance(config.predict.save_probabilities, bool):
     _fail("predict.save_probabilities", config.predict.save_probabilities, "must be True or False")
 

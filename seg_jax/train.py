@@ -297,6 +297,20 @@ class Trainer:
       raise FileNotFoundError(f"no checkpoint in {self.checkpoints.directory}; train first")
     return self.initial_state()
 
+  def checkpoint_state(self, step: int) -> TrainState:
+    """The state saved at `step` (export.step); FileNotFoundError naming the saved steps if none."""
+    steps = sorted(self.checkpoints.all_steps())
+    if step not in steps:
+      saved = ", ".join(map(str, steps)) or "none; train first"
+      raise FileNotFoundError(f"no checkpoint of step {step} in {self.checkpoints.directory} "
+                              f"(saved steps: {saved})")
+    create = lambda: create_train_state(self.config, self.model, self.tx, self.mesh,
+                                        channels=self.channels)
+    replicated = parallel.replicated(self.mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            jax.eval_shape(create))
+    return self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+
   def evaluate(self, state: TrainState, split: str) -> tuple[dict, dict]:
     """Dataset-level scores over every example of `split`, and arrays for the visuals."""
     evaluator = self.task.evaluator(self.class_names)

@@ -1,0 +1,340 @@
+"""--mode=export: a workdir's checkpoint as files that run without seg_jax, each checked.
+
+  python main.py --workdir=runs/unet --mode=export [--config.export.step=N]
+
+Writes WORKDIR/export/ (replacing an older export only once every check passed):
+
+  saved_model/        TF SavedModel, signature `serving_default`: image uint8 [N, H, W, C]
+                      (dynamic N, H, W) -> classes int32 [N, H, W], probabilities float32
+                      [N, H, W, K]
+  model.onnx          the same signature for onnxruntime (dynamic N, H, W)
+  model.tflite        the same at a fixed [1, S, S, C] input (S = export.image_size), float32;
+  model_fp16.tflite   float16 weights; model_int8.tflite: int8 weights (dynamic range)
+  model.stablehlo     `jax.export` serialisation (dynamic N, H, W) for serving from JAX
+  export.json         class names, input rules, normalisation, step, every artefact's checks
+
+H and W must be multiples of the model's input multiple (export.json says which); other sizes
+are refused: by a shape assertion in the SavedModel and StableHLO, by the runtimes' shape
+checks in ONNX and TFLite (pad the image and crop the outputs).
+
+The traced function (`serving_probabilities`) is pure; it normalises as training did
+(`image_io.NORMALIZATION`) and maps logits to probabilities with predict's own
+`logits_to_probabilities`. Class ids are the first maximum of the probabilities, as predict
+writes them. Convolutions are traced with the "xla" backend: a oneDNN custom call cannot be
+serialised.
+
+Converters (all kept projects): jax2tf (native StableHLO serialisation) for the SavedModel;
+TF's TFLiteConverter for TFLite; tf2onnx from a dynamic-shape TFLite model for ONNX (tf2onnx
+cannot read the SavedModel's XlaCallModule op; jax2onnx would downgrade orbax-checkpoint).
+
+Each artefact is loaded by its own runtime (TF, the TFLite interpreter, onnxruntime,
+`jax.export.deserialize`) on probe images of two sizes and compared with the JAX model:
+class ids must agree on >= 99.9% of pixels (the int8 model's agreement is reported only).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from seg_jax import config as config_lib
+from seg_jax import models
+from seg_jax import predict
+from seg_jax import workdir as workdir_lib
+from seg_jax.data import image_io
+from seg_jax.ops import conv as conv_ops
+
+EXPORT_DIR = "export"
+MIN_AGREEMENT = 0.999  # fraction of pixels whose class id must equal the JAX model's
+ONNX_OPSET = 17
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("classes", "probabilities")  # the order of the ONNX and TFLite outputs
+DTYPE_MAX = image_io.NORMALIZATION["dtype_max"]["uint8"]
+
+
+class ExportError(Exception):
+  """An artefact failed its check, or the model cannot be exported; the message names which."""
+
+
+# ---------------------------------------------------------------------------- traced (pure)
+
+def serving_probabilities(variables: dict, images: jax.Array, *, model: nn.Module) -> jax.Array:
+  """uint8 [N, H, W, C] images -> float32 [N, H, W, K] per-class probabilities."""
+  x = images.astype(jnp.float32) * (2.0 / DTYPE_MAX) - 1.0  # image_io.normalize
+  return predict.logits_to_probabilities(model.apply(variables, x, train=False))
+
+
+def serving_outputs(variables: dict, images: jax.Array, *, model: nn.Module
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(class ids int32 [N, H, W], probabilities float32 [N, H, W, K]) of uint8 images."""
+  probabilities = serving_probabilities(variables, images, model=model)
+  return jnp.argmax(probabilities, axis=-1).astype(jnp.int32), probabilities
+
+
+# ---------------------------------------------------------------------------- host: probes, checks
+
+def probe_sizes(image_size: int, multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Two (H, W) probe sizes: the fixed export size, and a non-square one beside it."""
+  return (image_size, image_size), (max(multiple, image_size - multiple), image_size + multiple)
+
+
+def probe_images(count: int, height: int, width: int, channels: int, seed: int) -> np.ndarray:
+  """uint8 [count, H, W, C]: smooth random fields (blocks of 4 px) plus pixel noise."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (count, -(-height // 4), -(-width // 4), channels))
+  smooth = np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)[:, :height, :width]
+  noise = rng.integers(-20, 21, smooth.shape)
+  return np.clip(smooth + noise, 0, 255).astype(np.uint8)
+
+
+def agreement(classes: np.ndarray, reference: np.ndarray) -> float:
+  return float(np.mean(np.asarray(classes) == reference))
+
+
+def _check(name: str, outputs: list[tuple[np.ndarray, np.ndarray]], references, *,
+           required: bool) -> list[dict]:
+  """Per-probe records {size, agreement, max_probability_error}; ExportError below the bar."""
+  records = []
+  for (classes, probabilities), (ref_classes, ref_probabilities) in zip(outputs, references):
+    record = {"size": list(ref_classes.shape[1:3]), "batch": int(ref_classes.shape[0]),
+              "agreement": agreement(classes, ref_classes),
+              "max_probability_error": float(np.max(np.abs(probabilities - ref_probabilities)))}
+    records.append(record)
+    if required and record["agreement"] < MIN_AGREEMENT:
+      h, w = record["size"]
+      raise ExportError(f"{name}: class ids agree with the JAX model on "
+                        f"{record['agreement']:.4%} of the pixels of a {h}x{w} probe (needs "
+                        f"{MIN_AGREEMENT:.1%}); nothing was written")
+  return records
+
+
+# ---------------------------------------------------------------------------- host: converters
+
+def _tf_functions(probabilities_fn, *, channels: int, multiple: int, image_size: int):
+  """(dynamic, fixed-size) tf.functions image -> {classes, probabilities}, in one tf.Module."""
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+
+  converted = jax2tf.convert(
+      probabilities_fn, with_gradient=False,
+      polymorphic_shapes=[f"(b, {multiple}*h, {multiple}*w, {channels})"])
+
+  def outputs(image):
+    probabilities = converted(image)
+    # First maximum, as numpy's argmax in predict; a TF op so that TFLite and ONNX keep it.
+    return {OUTPUT_NAMES[0]: tf.argmax(probabilities, axis=-1, output_type=tf.int32),
+            OUTPUT_NAMES[1]: probabilities}
+
+  module = tf.Module()
+  module.serve = tf.function(outputs, autograph=False, input_signature=[
+      tf.TensorSpec([None, None, None, channels], tf.uint8, name=INPUT_NAME)])
+  module.serve_fixed = tf.function(outputs, autograph=False, input_signature=[
+      tf.TensorSpec([1, image_size, image_size, channels], tf.uint8, name=INPUT_NAME)])
+  return module
+
+
+def _tflite_bytes(module, function, variant: str) -> bytes:
+  import tensorflow as tf
+  converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      [function.get_concrete_function()], module)
+  if variant in ("fp16", "int8"):
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights, float activations
+  if variant == "fp16":
+    converter.target_spec.supported_types = [tf.float16]
+  return converter.convert()
+
+
+def _run_tflite(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  import tensorflow as tf
+  interpreter = tf.lite.Interpreter(model_path=path)
+  runner = interpreter.get_signature_runner()
+  results = [runner(**{INPUT_NAME: image[None]}) for image in images]
+  return tuple(np.concatenate([r[name] for r in results]) for name in OUTPUT_NAMES)
+
+
+def _write_onnx(tflite_path: str, path: str) -> None:
+  """ONNX from a TFLite model (tf2onnx), its input and outputs renamed to the signature's."""
+  import onnx
+  import tf2onnx
+  proto, _ = tf2onnx.convert.from_tflite(tflite_path, opset=ONNX_OPSET)
+  graph = proto.graph
+  renames = {graph.input[0].name: INPUT_NAME}
+  renames.update({o.name: name for o, name in zip(graph.output, OUTPUT_NAMES)})
+  for value in [*graph.input, *graph.output]:
+    value.name = renames.get(value.name, value.name)
+  for node in graph.node:
+    node.input[:] = [renames.get(n, n) for n in node.input]
+    node.output[:] = [renames.get(n, n) for n in node.output]
+  onnx.checker.check_model(proto)
+  onnx.save(proto, path)
+
+
+def _run_onnx(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  import onnxruntime
+  session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+  return tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))
+
+
+def _run_saved_model(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  import tensorflow as tf
+  serve = tf.saved_model.load(path).signatures["serving_default"]
+  out = serve(**{INPUT_NAME: tf.constant(images)})
+  return tuple(out[name].numpy() for name in OUTPUT_NAMES)
+
+
+def _run_stablehlo(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  with open(path, "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  return tuple(np.asarray(a) for a in exported.call(images))
+
+
+# ---------------------------------------------------------------------------- host: the command
+
+def _checkpoint_state(trainer, step: int):
+  if step:
+    return trainer.checkpoint_state(step)
+  return trainer.latest_checkpoint_state()
+
+
+def export_variables(model: nn.Module, variables: dict, out_dir: str, *, channels: int,
+                     multiple: int, image_size: int, info: dict) -> dict:
+  """Writes every artefact of `model` with `variables` into `out_dir` (which must exist) and
+  checks each; returns the export.json record (also written)."""
+  import tensorflow as tf
+
+  probabilities_fn = functools.partial(serving_probabilities, variables, model=model)
+  reference_fn = jax.jit(functools.partial(serving_outputs, variables, model=model))
+  sizes = probe_sizes(image_size, multiple)
+  # Dynamic runtimes see a batch of 2 at the first size and 1 at the second; TFLite's fixed
+  # input, 2 images of the first size one by one.
+  probes = [probe_images(2, *sizes[0], channels, seed=0), probe_images(1, *sizes[1], channels,
+                                                                       seed=1)]
+  with conv_ops.backend("xla"):
+    references = [tuple(np.asarray(a) for a in reference_fn(p)) for p in probes]
+  artefacts = {}
+
+  def record(name, filename, checks, seconds):
+    path = os.path.join(out_dir, filename)
+    size = (sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+            if os.path.isdir(path) else os.path.getsize(path))
+    artefacts[name] = {"file": filename, "bytes": size, "checks": checks,
+                       "write_seconds": round(seconds, 2)}
+
+  with conv_ops.backend("xla"):
+    t0 = time.perf_counter()
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(
+        f"b, {multiple}*h, {multiple}*w, {channels}"), jnp.uint8)
+    exported = jax.export.export(reference_fn)(spec)
+    with open(os.path.join(out_dir, "model.stablehlo"), "wb") as f:
+      f.write(exported.serialize())
+    outputs = [_run_stablehlo(os.path.join(out_dir, "model.stablehlo"), p) for p in probes]
+    record("stablehlo", "model.stablehlo",
+           _check("model.stablehlo", outputs, references, required=True), time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    module = _tf_functions(probabilities_fn, channels=channels, multiple=multiple,
+                           image_size=image_size)
+    saved = os.path.join(out_dir, "saved_model")
+    tf.saved_model.save(module, saved, signatures={"serving_default": module.serve})
+    outputs = [_run_saved_model(saved, p) for p in probes]
+    record("saved_model", "saved_model",
+           _check("saved_model", outputs, references, required=True), time.perf_counter() - t0)
+
+    for variant, filename in (("float32", "model.tflite"), ("fp16", "model_fp16.tflite"),
+                              ("int8", "model_int8.tflite")):
+      t0 = time.perf_counter()
+      path = os.path.join(out_dir, filename)
+      with open(path, "wb") as f:
+        f.write(_tflite_bytes(module, module.serve_fixed, variant))
+      outputs = [_run_tflite(path, probes[0])]
+      record(f"tflite_{variant}", filename,
+             _check(filename, outputs, references[:1], required=variant != "int8"),
+             time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+      dynamic_tflite = os.path.join(scratch, "dynamic.tflite")
+      with open(dynamic_tflite, "wb") as f:
+        f.write(_tflite_bytes(module, module.serve, "float32"))
+      _write_onnx(dynamic_tflite, os.path.join(out_dir, "model.onnx"))
+    outputs = [_run_onnx(os.path.join(out_dir, "model.onnx"), p) for p in probes]
+    record("onnx", "model.onnx", _check("model.onnx", outputs, references, required=True),
+           time.perf_counter() - t0)
+
+  description = {
+      **info,
+      "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": channels,
+                "height_width_multiple_of": multiple,
+                "tflite_shape": [1, image_size, image_size, channels],
+                "other_sizes": "refused: pad the image to a multiple and crop the outputs"},
+      "outputs": {OUTPUT_NAMES[0]: "int32 [N, H, W] class ids (first maximum of probabilities)",
+                  OUTPUT_NAMES[1]: "float32 [N, H, W, K] per-class probabilities"},
+      "normalization": {"inside_the_graph": True, **image_io.NORMALIZATION},
+      "required_agreement": MIN_AGREEMENT,
+      "artefacts": artefacts,
+  }
+  with open(os.path.join(out_dir, "export.json"), "w") as f:
+    json.dump(description, f, indent=2)
+    f.write("\n")
+  return description
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Exports WORKDIR's newest checkpoint (or export.step) into WORKDIR/export; returns the
+  export.json record. ExportError or ConfigError (one line) if it cannot."""
+  from seg_jax import train  # imports TensorFlow (datasets); keep this module light without it
+  if config_lib.task(config) != "semantic":
+    raise config_lib.ConfigError(
+        f"--mode=export writes semantic models only; model.name={config.model.name!r} is a "
+        "detector (its fixed top-k, NMS and RoI ops have no TFLite/ONNX converters here)")
+  if jax.process_count() > 1:
+    raise config_lib.ConfigError("--mode=export runs in a single process")
+  multiple = models.input_multiple(config)
+  image_size = config.export.image_size or config.dataset.image_size
+  trainer = train.Trainer(config, workdir, with_data=False)
+  try:
+    state = _checkpoint_state(trainer, config.export.step)
+  finally:
+    trainer.checkpoints.close()
+  step = int(jax.device_get(state.step))
+  variables = jax.device_get(train.model_variables(state))
+  del state
+  info = workdir_lib.read_model_info(workdir)
+  info = {"model": info["model"], "class_names": info["class_names"],
+          "num_classes": info["num_classes"], "step": step, "workdir": os.path.abspath(workdir)}
+
+  final = os.path.join(workdir, EXPORT_DIR)
+  partial = tempfile.mkdtemp(prefix=f"{EXPORT_DIR}.partial-", dir=workdir)
+  try:
+    t0 = time.perf_counter()
+    description = export_variables(trainer.model, variables, partial, channels=trainer.channels,
+                                   multiple=multiple, image_size=image_size, info=info)
+    seconds = time.perf_counter() - t0
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  old = None
+  if os.path.exists(final):
+    old = final + f".old-{os.getpid()}"
+    os.replace(final, old)
+  os.replace(partial, final)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+  lines = [f"exported the step-{step} checkpoint of {workdir} to {final} in {seconds:.0f} s"]
+  for name, a in description["artefacts"].items():
+    worst = min(c["agreement"] for c in a["checks"])
+    lines.append(f"  {a['file']:<20}{a['bytes'] / 1e6:8.2f} MB   class ids agree with JAX on "
+                 f"{worst:.4%} of probe pixels")
+  print("\n".join(lines))
+  return description

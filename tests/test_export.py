@@ -1,0 +1,164 @@
+"""--mode=export: every artefact, run by its own runtime, against the JAX model.
+
+References are computed here: the model applied to images normalised in numpy
+(x / 255 * 2 - 1), softmax and argmax in numpy. One export of a tiny trained
+U-Net is shared by the tests.
+"""
+
+import json
+import os
+import socket
+
+import jax
+import numpy as np
+import pytest
+
+from seg_jax import config as config_lib
+from seg_jax import export
+from seg_jax import train
+from tests.conftest import tiny_config
+
+SIZES = ((32, 32), (24, 40))  # the TFLite size (dataset.image_size) and a non-square multiple of 4
+
+
+def _reference(model, variables, images):
+  """(class ids, probabilities) in numpy from the model's logits."""
+  x = images.astype(np.float32) / 255 * 2 - 1
+  logits = np.asarray(model.apply(variables, x, train=False), np.float64)
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  probabilities = e / e.sum(-1, keepdims=True)
+  return probabilities.argmax(-1), probabilities
+
+
+def _images(n, height, width, seed):
+  rng = np.random.default_rng(seed)
+  coarse = rng.integers(0, 256, (n, height // 4, width // 4, 3))
+  return np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, data_dir):
+  """(config, workdir, export dir, model, variables) after 3 training steps and an export run
+  with every socket connection refused."""
+  workdir = str(tmp_path_factory.mktemp("export_run") / "run")
+  config = tiny_config(data_dir)
+  config.num_train_steps = config.checkpoint_every_steps = config.eval_every_steps = 3
+  config.log_every_steps = 1
+  train.train_and_evaluate(config, workdir)
+
+  def refuse(*args, **kwargs):
+    raise OSError("the export tried to reach the network")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(socket.socket, "connect", refuse)
+    export.run(config, workdir)
+  trainer = train.Trainer(config, workdir, with_data=False)
+  try:
+    variables = jax.device_get(train.model_variables(trainer.latest_checkpoint_state()))
+  finally:
+    trainer.checkpoints.close()
+  return config, workdir, os.path.join(workdir, "export"), trainer.model, variables
+
+
+def test_export_writes_every_artefact_and_describes_it(exported):
+  _, workdir, out, _, _ = exported
+  assert sorted(os.listdir(out)) == ["export.json", "model.onnx", "model.stablehlo",
+                                     "model.tflite", "model_fp16.tflite", "model_int8.tflite",
+                                     "saved_model"]
+  assert not [n for n in os.listdir(workdir) if n.startswith("export.")]  # no partial left
+  with open(os.path.join(out, "export.json")) as f:
+    description = json.load(f)
+  assert description["step"] == 3 and description["num_classes"] == 6
+  assert description["class_names"][0] == "background"
+  assert description["input"]["height_width_multiple_of"] == 4
+  assert description["input"]["tflite_shape"] == [1, 32, 32, 3]
+  assert description["normalization"]["formula"] == "x / dtype_max * 2 - 1"
+  for name, artefact in description["artefacts"].items():
+    assert os.path.getsize(os.path.join(out, artefact["file"])) if artefact["file"] != \
+        "saved_model" else os.path.isdir(os.path.join(out, "saved_model"))
+    for check in artefact["checks"]:
+      assert 0 <= check["agreement"] <= 1
+      if name != "tflite_int8":
+        assert check["agreement"] >= 0.999, (name, check)
+  # The dynamic artefacts were checked on both probe sizes, TFLite on its fixed one.
+  assert [c["size"] for c in description["artefacts"]["onnx"]["checks"]] == [[32, 32], [28, 36]]
+  assert [c["size"] for c in description["artefacts"]["tflite_fp16"]["checks"]] == [[32, 32]]
+
+
+def _assert_agrees(name, classes, probabilities, reference, *, atol):
+  ref_classes, ref_probabilities = reference
+  assert classes.shape == ref_classes.shape and probabilities.shape == ref_probabilities.shape
+  assert np.mean(classes == ref_classes) >= 0.999, name
+  np.testing.assert_allclose(probabilities, ref_probabilities, atol=atol, err_msg=name)
+
+
+def test_onnx_saved_model_and_stablehlo_agree_with_jax_on_two_sizes(exported):
+  import onnxruntime
+  import tensorflow as tf
+  _, _, out, model, variables = exported
+  session = onnxruntime.InferenceSession(os.path.join(out, "model.onnx"),
+                                         providers=["CPUExecutionProvider"])
+  serve = tf.saved_model.load(os.path.join(out, "saved_model")).signatures["serving_default"]
+  with open(os.path.join(out, "model.stablehlo"), "rb") as f:
+    stablehlo = jax.export.deserialize(bytearray(f.read()))
+  for n, (height, width) in zip((2, 1), SIZES):
+    images = _images(n, height, width, seed=height)
+    reference = _reference(model, variables, images)
+    classes, probabilities = session.run(["classes", "probabilities"], {"image": images})
+    assert classes.dtype == np.int32
+    _assert_agrees("onnx", classes, probabilities, reference, atol=1e-4)
+    result = serve(image=tf.constant(images))
+    _assert_agrees("saved_model", result["classes"].numpy(), result["probabilities"].numpy(),
+                   reference, atol=1e-4)
+    classes, probabilities = stablehlo.call(images)
+    _assert_agrees("stablehlo", np.asarray(classes), np.asarray(probabilities), reference,
+                   atol=1e-4)
+
+
+def test_tflite_float32_and_fp16_agree_with_jax(exported):
+  import tensorflow as tf
+  _, _, out, model, variables = exported
+  images = _images(2, *SIZES[0], seed=5)
+  reference = _reference(model, variables, images)
+  for filename, atol in (("model.tflite", 1e-4), ("model_fp16.tflite", 2e-2)):
+    runner = tf.lite.Interpreter(model_path=os.path.join(out, filename)).get_signature_runner()
+    results = [runner(image=image[None]) for image in images]
+    _assert_agrees(filename, np.concatenate([r["classes"] for r in results]),
+                   np.concatenate([r["probabilities"] for r in results]), reference, atol=atol)
+
+
+def test_sizes_the_model_cannot_take_are_refused(exported):
+  import onnxruntime
+  config, _, out, _, _ = exported
+  odd = _images(1, 32, 32, seed=0)[:, :30, :30]  # not a multiple of the U-Net's 4
+  with open(os.path.join(out, "model.stablehlo"), "rb") as f:
+    stablehlo = jax.export.deserialize(bytearray(f.read()))
+  with pytest.raises(Exception, match="divisible by 4|polymorphic shape"):
+    stablehlo.call(odd)
+  bad = tiny_config(config.dataset.data_dir)
+  bad.export.image_size = 30
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(bad)
+  assert str(error.value).startswith("config.export.image_size=30: must be divisible by 4")
+  assert "\n" not in str(error.value)
+
+
+def test_workdir_without_checkpoint_is_a_one_line_error(exported, tmp_path):
+  config = exported[0]
+  workdir = tmp_path / "empty"
+  workdir.mkdir()
+  (workdir / "model.json").write_text(json.dumps({"class_names": ["a"] * 6, "input_channels": 3}))
+  with pytest.raises(FileNotFoundError) as error:
+    export.run(config, str(workdir))
+  assert "no checkpoint in" in str(error.value) and "\n" not in str(error.value)
+  assert not os.path.exists(workdir / "export")
+
+
+def test_failed_check_names_the_artefact_and_keeps_the_previous_export(exported, monkeypatch):
+  config, workdir, out, _, _ = exported
+  before = sorted(os.listdir(out))
+  monkeypatch.setattr(export, "MIN_AGREEMENT", 1.01)  # no artefact can pass
+  with pytest.raises(export.ExportError, match=r"^model\.stablehlo: class ids agree with the JAX "
+                                               r"model on 100\.0000% of the pixels of a 32x32"):
+    export.run(config, workdir)
+  assert sorted(os.listdir(out)) == before
+  assert not [n for n in os.listdir(workdir) if n.startswith("export.")]
