@@ -110,6 +110,11 @@ def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
   c.export = ml_collections.ConfigDict()
   c.export.step = 0                 # checkpoint step to export; 0 = the newest
   c.export.image_size = 0           # TFLite's fixed square input, pixels; 0 = dataset.image_size
+  # Inside the exported graphs, smaller images are mirrored up to this size (and every size up to
+  # the model's input multiple), then the outputs cropped: predict pads an image smaller than a
+  # tile so, and their class ids then match. 0 = predict.tile_size.
+  c.export.min_size = 0
+  c.export.onnx = True              # False: no model.onnx (tf2onnx cannot convert DeepLabv3+)
   return c
 
 
@@ -330,6 +335,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   registry.check_fraction("predict.overlap", config.predict.overlap, closed=False)
   registry.check_int("export.step", config.export.step, minimum=0)
   registry.check_int("export.image_size", config.export.image_size, minimum=0)
+  registry.check_int("export.min_size", config.export.min_size, minimum=0)
+  if not isinstance(config.export.onnx, bool):
+    _fail("export.onnx", config.export.onnx, "must be True or False")
   if config.export.image_size % multiple:
     _fail("export.image_size", config.export.image_size,
           f"must be divisible by {multiple} ({reason}), or 0 for dataset.image_size")

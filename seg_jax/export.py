@@ -7,17 +7,20 @@ Writes WORKDIR/export/ (replacing an older export only once every check passed):
   saved_model/        TF SavedModel, signature `serving_default`: image uint8 [N, H, W, C]
                       (dynamic N, H, W) -> classes int32 [N, H, W], probabilities float32
                       [N, H, W, K]
-  model.onnx          the same signature for onnxruntime (dynamic N, H, W)
+  model.onnx          the same signature for onnxruntime (dynamic N, H, W); export.onnx=False
+                      leaves it out (DeepLabv3+: tf2onnx mistranslates its bilinear resizes)
   model.tflite        the same at a fixed [1, S, S, C] input (S = export.image_size), float32;
   model_fp16.tflite   float16 weights; model_int8.tflite: int8 weights (dynamic range)
   model.stablehlo     `jax.export` serialisation (dynamic N, H, W) for serving from JAX
   export.json         class names, input rules, normalisation, step, every artefact's checks
 
-H and W must be multiples of the model's input multiple (export.json says which); other sizes
-are refused: by a shape assertion in the SavedModel and StableHLO, by the runtimes' shape
-checks in ONNX and TFLite (pad the image and crop the outputs).
+Any H and W: inside the graph the image is mirrored (numpy's 'reflect') up to at least
+export.min_size (default predict.tile_size) and a multiple of the model's input multiple, and
+the outputs are cropped back. That is how predict pads an image smaller than a tile, so for
+such images the class ids equal predict's label PNG; larger images are segmented whole where
+predict blends tiles (the README measures the difference).
 
-The traced function (`serving_probabilities`) is pure; it normalises as training did
+The traced functions (`serving_probabilities`, `serving_outputs`) are pure; it normalises as training did
 (`image_io.NORMALIZATION`) and maps logits to probabilities with predict's own
 `logits_to_probabilities`. Class ids are the first maximum of the probabilities, as predict
 writes them. Convolutions are traced with the "xla" backend: a oneDNN custom call cannot be
@@ -40,6 +43,7 @@ import os
 import shutil
 import tempfile
 import time
+import types
 
 import flax.linen as nn
 import jax
@@ -60,6 +64,16 @@ ONNX_OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("classes", "probabilities")  # the order of the ONNX and TFLite outputs
 DTYPE_MAX = image_io.NORMALIZATION["dtype_max"]["uint8"]
+# The array functions `reflect_indices` needs, from JAX (StableHLO) or TF (around jax2tf: the
+# TFLite converter cannot take the dynamic gathers that JAX would emit for dynamic sizes).
+_JNP = types.SimpleNamespace(arange=jnp.arange, where=jnp.where, floormod=jnp.mod,
+                             maximum=jnp.maximum)
+
+
+def _tf_namespace():
+  import tensorflow as tf
+  return types.SimpleNamespace(arange=tf.range, where=tf.where, floormod=tf.math.floormod,
+                               maximum=tf.maximum)
 
 
 class ExportError(Exception):
@@ -74,18 +88,53 @@ def serving_probabilities(variables: dict, images: jax.Array, *, model: nn.Modul
   return predict.logits_to_probabilities(model.apply(variables, x, train=False))
 
 
-def serving_outputs(variables: dict, images: jax.Array, *, model: nn.Module
-                    ) -> tuple[jax.Array, jax.Array]:
-  """(class ids int32 [N, H, W], probabilities float32 [N, H, W, K]) of uint8 images."""
-  probabilities = serving_probabilities(variables, images, model=model)
+def padded_size(size, *, multiple: int, min_size: int, maximum=jax.core.max_dim):
+  """The height (width) the model sees for an input of `size`: at least `min_size` (predict's
+  tile), rounded up to `multiple`. `size` is an int, a symbolic dimension (jax.export) or a TF
+  scalar (then `maximum` is tf.maximum)."""
+  return (maximum(size, min_size) + multiple - 1) // multiple * multiple
+
+
+def reflect_indices(size, padded, *, xp):
+  """Row (column) indices 0..padded-1 into an axis of `size`, mirrored past its end as
+  numpy's pad(mode='reflect') mirrors (repeatedly, without repeating the edge); xp is
+  _JNP or _tf_namespace()."""
+  period = xp.maximum(2 * (size - 1), 1)
+  index = xp.floormod(xp.arange(padded), period)
+  return xp.where(index < size, index, period - index)
+
+
+def serving_outputs(variables: dict, images: jax.Array, *, model: nn.Module, multiple: int,
+                    min_size: int) -> tuple[jax.Array, jax.Array]:
+  """(class ids int32 [N, H, W], probabilities float32 [N, H, W, K]) of uint8 images of any
+  size: mirrored up to `padded_size` as predict pads an image smaller than a tile, cropped back."""
+  height, width = images.shape[1:3]
+  rows = reflect_indices(height, padded_size(height, multiple=multiple, min_size=min_size),
+                         xp=_JNP)
+  cols = reflect_indices(width, padded_size(width, multiple=multiple, min_size=min_size),
+                         xp=_JNP)
+  padded = jnp.take(jnp.take(images, rows, axis=1), cols, axis=2)
+  probabilities = serving_probabilities(variables, padded, model=model)[:, :height, :width]
   return jnp.argmax(probabilities, axis=-1).astype(jnp.int32), probabilities
 
 
 # ---------------------------------------------------------------------------- host: probes, checks
 
-def probe_sizes(image_size: int, multiple: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Two (H, W) probe sizes: the fixed export size, and a non-square one beside it."""
-  return (image_size, image_size), (max(multiple, image_size - multiple), image_size + multiple)
+def probe_sizes(image_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Two (H, W) probe sizes: the fixed export size, and a non-square one of odd sizes beside it
+  (padded in the graph)."""
+  return (image_size, image_size), (max(1, image_size - 3), image_size + 5)
+
+
+def reference_outputs(probabilities_fn, images: np.ndarray, *, multiple: int, min_size: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """What the artefacts must compute, the padding done by numpy: mirrored up to `padded_size`,
+  the model, cropped back; (class ids, probabilities)."""
+  height, width = images.shape[1:3]
+  pads = [(0, padded_size(n, multiple=multiple, min_size=min_size) - n) for n in (height, width)]
+  padded = np.pad(images, [(0, 0), *pads, (0, 0)], mode="reflect")
+  probabilities = np.asarray(probabilities_fn(padded))[:, :height, :width]
+  return probabilities.argmax(-1), probabilities
 
 
 def probe_images(count: int, height: int, width: int, channels: int, seed: int) -> np.ndarray:
@@ -120,8 +169,11 @@ def _check(name: str, outputs: list[tuple[np.ndarray, np.ndarray]], references, 
 
 # ---------------------------------------------------------------------------- host: converters
 
-def _tf_functions(probabilities_fn, *, channels: int, multiple: int, image_size: int):
-  """(dynamic, fixed-size) tf.functions image -> {classes, probabilities}, in one tf.Module."""
+def _tf_functions(probabilities_fn, *, channels: int, multiple: int, min_size: int,
+                  image_size: int):
+  """A tf.Module whose `serve` maps images of any size to {classes, probabilities} (as
+  `serving_outputs`), and the same tf.function at the fixed TFLite size (kept out of the module,
+  so that the SavedModel holds the model once)."""
   import tensorflow as tf
   from jax.experimental import jax2tf
 
@@ -129,8 +181,16 @@ def _tf_functions(probabilities_fn, *, channels: int, multiple: int, image_size:
       probabilities_fn, with_gradient=False,
       polymorphic_shapes=[f"(b, {multiple}*h, {multiple}*w, {channels})"])
 
+  tf_ops = _tf_namespace()
+  size = functools.partial(padded_size, multiple=multiple, min_size=min_size,
+                           maximum=tf.maximum)
+
   def outputs(image):
-    probabilities = converted(image)
+    height, width = tf.shape(image)[1], tf.shape(image)[2]
+    rows = reflect_indices(height, size(height), xp=tf_ops)
+    cols = reflect_indices(width, size(width), xp=tf_ops)
+    padded = tf.gather(tf.gather(image, rows, axis=1), cols, axis=2)
+    probabilities = converted(padded)[:, :height, :width]
     # First maximum, as numpy's argmax in predict; a TF op so that TFLite and ONNX keep it.
     return {OUTPUT_NAMES[0]: tf.argmax(probabilities, axis=-1, output_type=tf.int32),
             OUTPUT_NAMES[1]: probabilities}
@@ -138,9 +198,9 @@ def _tf_functions(probabilities_fn, *, channels: int, multiple: int, image_size:
   module = tf.Module()
   module.serve = tf.function(outputs, autograph=False, input_signature=[
       tf.TensorSpec([None, None, None, channels], tf.uint8, name=INPUT_NAME)])
-  module.serve_fixed = tf.function(outputs, autograph=False, input_signature=[
+  fixed = tf.function(outputs, autograph=False, input_signature=[
       tf.TensorSpec([1, image_size, image_size, channels], tf.uint8, name=INPUT_NAME)])
-  return module
+  return module, fixed
 
 
 def _tflite_bytes(module, function, variant: str) -> bytes:
@@ -207,20 +267,24 @@ def _checkpoint_state(trainer, step: int):
 
 
 def export_variables(model: nn.Module, variables: dict, out_dir: str, *, channels: int,
-                     multiple: int, image_size: int, info: dict) -> dict:
+                     multiple: int, min_size: int, image_size: int, info: dict,
+                     with_onnx: bool = True) -> dict:
   """Writes every artefact of `model` with `variables` into `out_dir` (which must exist) and
   checks each; returns the export.json record (also written)."""
   import tensorflow as tf
 
   probabilities_fn = functools.partial(serving_probabilities, variables, model=model)
-  reference_fn = jax.jit(functools.partial(serving_outputs, variables, model=model))
-  sizes = probe_sizes(image_size, multiple)
+  outputs_fn = jax.jit(functools.partial(serving_outputs, variables, model=model,
+                                         multiple=multiple, min_size=min_size))
+  sizes = probe_sizes(image_size)
   # Dynamic runtimes see a batch of 2 at the first size and 1 at the second; TFLite's fixed
   # input, 2 images of the first size one by one.
   probes = [probe_images(2, *sizes[0], channels, seed=0), probe_images(1, *sizes[1], channels,
                                                                        seed=1)]
   with conv_ops.backend("xla"):
-    references = [tuple(np.asarray(a) for a in reference_fn(p)) for p in probes]
+    jitted = jax.jit(probabilities_fn)
+    references = [reference_outputs(jitted, p, multiple=multiple, min_size=min_size)
+                  for p in probes]
   artefacts = {}
 
   def record(name, filename, checks, seconds):
@@ -232,9 +296,8 @@ def export_variables(model: nn.Module, variables: dict, out_dir: str, *, channel
 
   with conv_ops.backend("xla"):
     t0 = time.perf_counter()
-    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(
-        f"b, {multiple}*h, {multiple}*w, {channels}"), jnp.uint8)
-    exported = jax.export.export(reference_fn)(spec)
+    spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"b, h, w, {channels}"), jnp.uint8)
+    exported = jax.export.export(outputs_fn)(spec)
     with open(os.path.join(out_dir, "model.stablehlo"), "wb") as f:
       f.write(exported.serialize())
     outputs = [_run_stablehlo(os.path.join(out_dir, "model.stablehlo"), p) for p in probes]
@@ -242,8 +305,8 @@ def export_variables(model: nn.Module, variables: dict, out_dir: str, *, channel
            _check("model.stablehlo", outputs, references, required=True), time.perf_counter() - t0)
 
     t0 = time.perf_counter()
-    module = _tf_functions(probabilities_fn, channels=channels, multiple=multiple,
-                           image_size=image_size)
+    module, fixed = _tf_functions(probabilities_fn, channels=channels, multiple=multiple,
+                                  min_size=min_size, image_size=image_size)
     saved = os.path.join(out_dir, "saved_model")
     tf.saved_model.save(module, saved, signatures={"serving_default": module.serve})
     outputs = [_run_saved_model(saved, p) for p in probes]
@@ -255,28 +318,38 @@ def export_variables(model: nn.Module, variables: dict, out_dir: str, *, channel
       t0 = time.perf_counter()
       path = os.path.join(out_dir, filename)
       with open(path, "wb") as f:
-        f.write(_tflite_bytes(module, module.serve_fixed, variant))
+        f.write(_tflite_bytes(module, fixed, variant))
       outputs = [_run_tflite(path, probes[0])]
       record(f"tflite_{variant}", filename,
              _check(filename, outputs, references[:1], required=variant != "int8"),
              time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch:
-      dynamic_tflite = os.path.join(scratch, "dynamic.tflite")
-      with open(dynamic_tflite, "wb") as f:
-        f.write(_tflite_bytes(module, module.serve, "float32"))
-      _write_onnx(dynamic_tflite, os.path.join(out_dir, "model.onnx"))
-    outputs = [_run_onnx(os.path.join(out_dir, "model.onnx"), p) for p in probes]
-    record("onnx", "model.onnx", _check("model.onnx", outputs, references, required=True),
-           time.perf_counter() - t0)
+    if with_onnx:
+      t0 = time.perf_counter()
+      onnx_path = os.path.join(out_dir, "model.onnx")
+      with tempfile.TemporaryDirectory() as scratch:
+        dynamic_tflite = os.path.join(scratch, "dynamic.tflite")
+        with open(dynamic_tflite, "wb") as f:
+          f.write(_tflite_bytes(module, module.serve, "float32"))
+        _write_onnx(dynamic_tflite, onnx_path)
+      try:
+        outputs = [_run_onnx(onnx_path, p) for p in probes]
+      except Exception as e:  # onnxruntime's own error types
+        # DeepLabv3+'s bilinear resizes reach ONNX as MatMuls with shapes tf2onnx gets wrong.
+        reason = " ".join(str(e).split())[:240]
+        raise ExportError(f"model.onnx: onnxruntime cannot run tf2onnx's conversion ({reason}); "
+                          "--config.export.onnx=False exports the other artefacts") from None
+      record("onnx", "model.onnx", _check("model.onnx", outputs, references, required=True),
+             time.perf_counter() - t0)
 
   description = {
       **info,
       "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": channels,
-                "height_width_multiple_of": multiple,
+                "height_width": f"any; mirrored (numpy's 'reflect') up to at least {min_size} and "
+                                f"a multiple of {multiple} in the graph, outputs cropped back",
+                "model_multiple": multiple, "min_size": min_size,
                 "tflite_shape": [1, image_size, image_size, channels],
-                "other_sizes": "refused: pad the image to a multiple and crop the outputs"},
+},
       "outputs": {OUTPUT_NAMES[0]: "int32 [N, H, W] class ids (first maximum of probabilities)",
                   OUTPUT_NAMES[1]: "float32 [N, H, W, K] per-class probabilities"},
       "normalization": {"inside_the_graph": True, **image_io.NORMALIZATION},
@@ -301,6 +374,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise config_lib.ConfigError("--mode=export runs in a single process")
   multiple = models.input_multiple(config)
   image_size = config.export.image_size or config.dataset.image_size
+  min_size = config.export.min_size or config.predict.tile_size
   trainer = train.Trainer(config, workdir, with_data=False)
   try:
     state = _checkpoint_state(trainer, config.export.step)
@@ -318,7 +392,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     t0 = time.perf_counter()
     description = export_variables(trainer.model, variables, partial, channels=trainer.channels,
-                                   multiple=multiple, image_size=image_size, info=info)
+                                   multiple=multiple, min_size=min_size, image_size=image_size,
+                                   info=info, with_onnx=config.export.onnx)
     seconds = time.perf_counter() - t0
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)

@@ -1,8 +1,9 @@
 """--mode=export: every artefact, run by its own runtime, against the JAX model.
 
-References are computed here: the model applied to images normalised in numpy
-(x / 255 * 2 - 1), softmax and argmax in numpy. One export of a tiny trained
-U-Net is shared by the tests.
+References are computed here: images mirrored by numpy's pad(mode='reflect') to
+predict's tile size (256), the model applied to them normalised in numpy
+(x / 255 * 2 - 1), cropped, softmax and argmax in numpy; and --mode=predict's
+label PNGs. One export of a tiny trained U-Net is shared by the tests.
 """
 
 import json
@@ -18,13 +19,16 @@ from seg_jax import export
 from seg_jax import train
 from tests.conftest import tiny_config
 
-SIZES = ((32, 32), (24, 40))  # the TFLite size (dataset.image_size) and a non-square multiple of 4
+SIZES = ((32, 32), (29, 37))  # the TFLite size (dataset.image_size); odd sizes, padded in the graph
+TILE = 256  # predict.tile_size: the exported graphs mirror smaller images up to it
 
 
 def _reference(model, variables, images):
-  """(class ids, probabilities) in numpy from the model's logits."""
-  x = images.astype(np.float32) / 255 * 2 - 1
-  logits = np.asarray(model.apply(variables, x, train=False), np.float64)
+  """(class ids, probabilities) in numpy from the model's logits on the mirrored images."""
+  height, width = images.shape[1:3]
+  padded = np.pad(images, [(0, 0), (0, TILE - height), (0, TILE - width), (0, 0)], mode="reflect")
+  x = padded.astype(np.float32) / 255 * 2 - 1
+  logits = np.asarray(model.apply(variables, x, train=False), np.float64)[:, :height, :width]
   e = np.exp(logits - logits.max(-1, keepdims=True))
   probabilities = e / e.sum(-1, keepdims=True)
   return probabilities.argmax(-1), probabilities
@@ -32,8 +36,8 @@ def _reference(model, variables, images):
 
 def _images(n, height, width, seed):
   rng = np.random.default_rng(seed)
-  coarse = rng.integers(0, 256, (n, height // 4, width // 4, 3))
-  return np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2).astype(np.uint8)
+  coarse = rng.integers(0, 256, (n, -(-height // 4), -(-width // 4), 3))
+  return np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2)[:, :height, :width].astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def test_export_writes_every_artefact_and_describes_it(exported):
     description = json.load(f)
   assert description["step"] == 3 and description["num_classes"] == 6
   assert description["class_names"][0] == "background"
-  assert description["input"]["height_width_multiple_of"] == 4
+  assert description["input"]["model_multiple"] == 4 and description["input"]["min_size"] == TILE
   assert description["input"]["tflite_shape"] == [1, 32, 32, 3]
   assert description["normalization"]["formula"] == "x / dtype_max * 2 - 1"
   for name, artefact in description["artefacts"].items():
@@ -80,7 +84,7 @@ def test_export_writes_every_artefact_and_describes_it(exported):
       if name != "tflite_int8":
         assert check["agreement"] >= 0.999, (name, check)
   # The dynamic artefacts were checked on both probe sizes, TFLite on its fixed one.
-  assert [c["size"] for c in description["artefacts"]["onnx"]["checks"]] == [[32, 32], [28, 36]]
+  assert [c["size"] for c in description["artefacts"]["onnx"]["checks"]] == [[32, 32], [29, 37]]
   assert [c["size"] for c in description["artefacts"]["tflite_fp16"]["checks"]] == [[32, 32]]
 
 
@@ -126,14 +130,30 @@ def test_tflite_float32_and_fp16_agree_with_jax(exported):
                    np.concatenate([r["probabilities"] for r in results]), reference, atol=atol)
 
 
-def test_sizes_the_model_cannot_take_are_refused(exported):
+def test_onnx_and_tflite_class_ids_equal_predicts_label_png(exported, tmp_path):
   import onnxruntime
-  config, _, out, _, _ = exported
-  odd = _images(1, 32, 32, seed=0)[:, :30, :30]  # not a multiple of the U-Net's 4
-  with open(os.path.join(out, "model.stablehlo"), "rb") as f:
-    stablehlo = jax.export.deserialize(bytearray(f.read()))
-  with pytest.raises(Exception, match="divisible by 4|polymorphic shape"):
-    stablehlo.call(odd)
+  import tensorflow as tf
+  from PIL import Image
+  from seg_jax import predict
+  config, workdir, out, _, _ = exported
+  image = _images(1, *SIZES[0], seed=11)[0]
+  Image.fromarray(image).save(tmp_path / "scan.png")
+  predict_config = tiny_config(config.dataset.data_dir)
+  predict_config.predict.input = str(tmp_path / "scan.png")
+  predict_config.predict.output = str(tmp_path / "out")
+  predict.run(predict_config, workdir)
+  label = np.asarray(Image.open(tmp_path / "out" / "scan_label.png"))
+  session = onnxruntime.InferenceSession(os.path.join(out, "model.onnx"),
+                                         providers=["CPUExecutionProvider"])
+  onnx_classes = session.run(["classes"], {"image": image[None]})[0][0]
+  runner = tf.lite.Interpreter(model_path=os.path.join(out, "model.tflite")).get_signature_runner()
+  tflite_classes = runner(image=image[None])["classes"][0]
+  assert np.mean(onnx_classes == label) >= 0.999
+  assert np.mean(tflite_classes == label) >= 0.999
+
+
+def test_an_export_size_the_model_cannot_take_is_a_one_line_error(exported):
+  config = exported[0]
   bad = tiny_config(config.dataset.data_dir)
   bad.export.image_size = 30
   with pytest.raises(config_lib.ConfigError) as error:
