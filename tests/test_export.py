@@ -182,3 +182,12 @@ def test_failed_check_names_the_artefact_and_keeps_the_previous_export(exported,
     export.run(config, workdir)
   assert sorted(os.listdir(out)) == before
   assert not [n for n in os.listdir(workdir) if n.startswith("export.")]
+
+
+def test_detectors_are_refused_in_one_line(data_dir, tmp_path):
+  from tests.conftest import tiny_detector_config
+  with pytest.raises(config_lib.ConfigError) as error:
+    export.run(tiny_detector_config(data_dir), str(tmp_path))
+  assert str(error.value).startswith("--mode=export writes semantic models only; "
+                                     "model.name='mask_rcnn' is a detector")
+  assert "\n" not in str(error.value) and not os.listdir(tmp_path)
