@@ -7,8 +7,10 @@ For every size S (square uint8 RGB images of embedded-dataset scenes): the media
 image (batch 1, after a warm-up call) of ONNX (onnxruntime), the SavedModel (TF), StableHLO
 (`jax.export.deserialize`) and, at their fixed size only, the three TFLite models
 (interpreter with as many threads as CPUs); and `predict.run`'s seconds per image on
-`repeats` files of that size (compilation excluded; tiles of predict.tile_size, so images
-smaller than a tile are padded to it). Ratios are predict's time over the artefact's. Also the
+`repeats` files of that size, reading them and writing label and overlay PNGs (compilation
+excluded; tiles of predict.tile_size, so images smaller than a tile are padded to it, in
+device calls of predict.batch_size=4 tiles, the default, and of 1). Ratios are predict's time
+(batch 4) over the artefact's. Also the
 artefacts' sizes in bytes, from export.json.
 """
 
@@ -66,7 +68,7 @@ def _runners(out: str) -> dict:
   return runners
 
 
-def _predict_seconds(workdir: str, images: list[np.ndarray]) -> float:
+def _predict_seconds(workdir: str, images: list[np.ndarray], batch_size: int) -> float:
   from seg_jax import predict
   from seg_jax import workdir as workdir_lib
   config = workdir_lib.read_config(workdir)
@@ -75,6 +77,7 @@ def _predict_seconds(workdir: str, images: list[np.ndarray]) -> float:
       Image.fromarray(image).save(os.path.join(tmp, f"{i:03d}.png"))
     config.predict.input = tmp
     config.predict.output = os.path.join(tmp, "out")
+    config.predict.batch_size = batch_size
     return predict.run(config, workdir)["seconds_per_image"]
 
 
@@ -91,7 +94,8 @@ def main(_):
                                                      description["artefacts"].values()}}
   for size in map(int, _SIZES.value):
     images = [shapes.generate_scene(rng, size)["image"] for _ in range(_REPEATS.value)]
-    seconds = {"predict": _predict_seconds(_WORKDIR.value, images)}
+    seconds = {"predict": _predict_seconds(_WORKDIR.value, images, batch_size=4),
+               "predict_batch1": _predict_seconds(_WORKDIR.value, images, batch_size=1)}
     for name, fn in runners.items():
       if name.endswith(".tflite") and size != fixed:
         continue

@@ -191,3 +191,18 @@ def test_detectors_are_refused_in_one_line(data_dir, tmp_path):
   assert str(error.value).startswith("--mode=export writes semantic models only; "
                                      "model.name='mask_rcnn' is a detector")
   assert "\n" not in str(error.value) and not os.listdir(tmp_path)
+
+
+def test_export_step_restores_that_checkpoint_or_names_the_saved_steps(exported):
+  config, workdir, _, _, variables = exported
+  trainer = train.Trainer(config, workdir, with_data=False)
+  try:
+    state = trainer.checkpoint_state(3)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 2 in .* \(saved steps: 3\)$"):
+      trainer.checkpoint_state(2)
+  finally:
+    trainer.checkpoints.close()
+  assert int(state.step) == 3
+  restored = jax.tree.leaves(jax.device_get(train.model_variables(state)))
+  for a, b in zip(restored, jax.tree.leaves(variables), strict=True):
+    np.testing.assert_array_equal(a, b)
