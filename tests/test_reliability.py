@@ -241,6 +241,7 @@ def _two_processes(data_dir, workdir, cache_dir, extra, logs, *, signal_process_
             break
         else:
           raise AssertionError(f"process 1 ended before pausing: {logs[1].read_text()[-3000:]}")
+        threading.Thread(target=paused.stdout.read, daemon=True).start()  # a full pipe blocks
         paused.send_signal(signal.SIGTERM)
         paused.stdin.write("go\n")
         paused.stdin.close()
