@@ -8,9 +8,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import socket
+
 import pytest
 
 from seg_jax import config as config_lib
+
+
+def reserved_port() -> socket.socket:
+  """A socket bound to a free port, to hold for as long as a multi-process run uses the port: no
+  other process can bind it meanwhile (closing it first, then starting the run, left a window in
+  which another test on the machine could take the port). SO_REUSEPORT lets JAX's coordinator
+  (gRPC, which sets it too) bind the same port; connections go to the coordinator, the only one
+  listening."""
+  s = socket.socket()
+  s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+  s.bind(("127.0.0.1", 0))
+  return s
 
 
 def tiny_config(data_dir: str):

@@ -1,9 +1,17 @@
-"""COCO AP through pycocotools: perfect detections, a shifted box, and the bookkeeping."""
+"""COCO AP through pycocotools: perfect detections, a shifted box, the bookkeeping, and the
+instance task's evaluation split over two processes."""
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from seg_jax import coco_eval
+from seg_jax.tasks import instance
+from tests.conftest import reserved_port
 
 
 def _box_mask(box, size=(64, 64)):
@@ -73,3 +81,111 @@ def test_no_detections_gives_zero():
   evaluator.add(GT_BOXES, GT_CLASSES, GT_VALID, np.zeros((2, 4)), np.zeros(2), np.zeros(2, int),
                 np.zeros(2, bool), image_size=(64, 64))
   assert evaluator.compute()["box_AP"] == 0.0
+
+
+# ------------------------------------------------------------------------ across processes
+
+SIZE, ROWS, MAX_OBJECTS, MAX_DETECTIONS = 32, 4, 3, 5   # ROWS images per global eval batch
+
+
+def scene_batches():
+  """Two global eval batches as the instance task's evaluator takes them: ground truth (the last
+  image padding, `valid` False) and detections near it, with misses and false positives."""
+  rng = np.random.default_rng(7)
+  batches = []
+  for _ in range(2):
+    truth = {"image": np.zeros((ROWS, SIZE, SIZE, 3), np.float32),
+             "boxes": np.zeros((ROWS, MAX_OBJECTS, 4), np.float32),
+             "classes": np.zeros((ROWS, MAX_OBJECTS), np.int32),
+             "instance_masks": np.zeros((ROWS, MAX_OBJECTS, SIZE, SIZE), np.float32),
+             "valid": np.ones(ROWS, bool)}
+    det = {"boxes": np.zeros((ROWS, MAX_DETECTIONS, 4), np.float32),
+           "scores": rng.random((ROWS, MAX_DETECTIONS)).astype(np.float32),
+           "classes": rng.integers(1, 3, (ROWS, MAX_DETECTIONS)).astype(np.int32),
+           "masks": np.zeros((ROWS, MAX_DETECTIONS, SIZE, SIZE), np.float32),
+           "valid": rng.random((ROWS, MAX_DETECTIONS)) < 0.8}
+    for i in range(ROWS):
+      objects = rng.integers(1, MAX_OBJECTS + 1)
+      for j in range(objects):
+        y0, x0 = rng.integers(0, SIZE - 8, 2)
+        h, w = rng.integers(4, 9, 2)
+        truth["boxes"][i, j] = (y0, x0, y0 + h, x0 + w)
+        truth["classes"][i, j] = rng.integers(1, 3)
+        truth["instance_masks"][i, j] = _box_mask(truth["boxes"][i, j], (SIZE, SIZE))
+      for k in range(MAX_DETECTIONS):
+        if rng.random() < 0.7:   # near an object, perhaps of the wrong class
+          box = truth["boxes"][i, rng.integers(objects)] + rng.integers(-2, 3, 4)
+        else:                    # a false positive anywhere
+          y0, x0 = rng.integers(0, SIZE - 8, 2)
+          box = (y0, x0, y0 + 6, x0 + 6)
+        det["boxes"][i, k] = np.clip(box, 0, SIZE)
+        det["masks"][i, k] = _box_mask(det["boxes"][i, k], (SIZE, SIZE))
+    truth["valid"][-1] = False
+    batches.append((truth, det))
+  return batches
+
+
+# Process argv[1] of 2 (one CPU device each) feeds its half of every batch's rows to the
+# instance task's evaluator, as train.evaluate does; process 0 prints the scores.
+_TWO_PROCESS_EVAL = """
+import json, sys
+import jax
+process_id, port = int(sys.argv[1]), sys.argv[2]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+from seg_jax import parallel
+from seg_jax.tasks import instance
+from tests.test_coco_eval import ROWS, scene_batches
+mesh = parallel.make_mesh()
+evaluator = instance.InstanceEvaluator(["square", "disc"], with_masks=True, num_visuals=0)
+mine = slice(process_id * ROWS // 2, (process_id + 1) * ROWS // 2)
+for truth, det in scene_batches():
+  local = {k: v[mine] for k, v in truth.items()}
+  evaluator.add(local, parallel.host_batch_to_global(local, mesh),
+                parallel.host_batch_to_global({k: v[mine] for k, v in det.items()}, mesh))
+scores = evaluator.compute()
+if process_id == 0:
+  print("SCORES " + json.dumps(scores))
+"""
+
+
+def test_two_processes_score_what_one_process_scores(tmp_path):
+  """Each process holds half of every eval batch; gathered, COCO sees every image once, so the
+  twelve statistics equal one process's over all images, exactly."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  one = instance.InstanceEvaluator(["square", "disc"], with_masks=True, num_visuals=0)
+  first_half = instance.InstanceEvaluator(["square", "disc"], with_masks=True, num_visuals=0)
+  for truth, det in scene_batches():
+    one.add(truth, truth, det)
+    half = slice(0, ROWS // 2)
+    first_half.add({k: v[half] for k, v in truth.items()}, {k: v[half] for k, v in truth.items()},
+                   {k: v[half] for k, v in det.items()})
+  want = one.compute()
+  assert len(want) == 12 and 0 < want["box_AP50"] < 1 and 0 < want["mask_AP"] < 1, want
+  # The images of process 1 count: without them the scores differ.
+  assert first_half.compute()["box_AP"] != want["box_AP"]
+
+  env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  logs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]
+  with reserved_port() as port_socket:
+    port = str(port_socket.getsockname()[1])
+    processes = []
+    for i, log in enumerate(logs):
+      with open(log, "w") as stderr_file:  # a file: a full pipe of one must not stall both
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS_EVAL, str(i), port], cwd=repo, env=env,
+            stdout=subprocess.PIPE, stderr=stderr_file, text=True))
+    try:
+      outputs = [process.communicate(timeout=300)[0] for process in processes]
+    finally:
+      for process in processes:
+        if process.poll() is None:
+          process.kill()
+  for process, log in zip(processes, logs):
+    assert process.returncode == 0, log.read_text()[-3000:]
+  printed = [l for l in outputs[0].splitlines() if l.startswith("SCORES ")]
+  got = json.loads(printed[0][len("SCORES "):])
+  assert got.keys() == want.keys()
+  for key in want:
+    assert got[key] == want[key] or (np.isnan(got[key]) and np.isnan(want[key])), key

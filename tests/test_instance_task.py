@@ -165,17 +165,31 @@ def _records(workdir):
 
 @pytest.fixture(scope="module")
 def detector_run(tmp_path_factory, detector_config, builder):
+  """The tiny Mask R-CNN trained from the command line, as a user does; returns its workdir and
+  the final evaluation's scores (from metrics.jsonl) and the run's stderr."""
   workdir = str(tmp_path_factory.mktemp("detector"))
-  config = tiny_detector_config(detector_config.dataset.data_dir)
   # XLA's convolutions, as on 4 devices below: only the sharding may differ there (detector
   # training amplifies float differences between oneDNN's and XLA's sums within a few steps).
-  config.conv_backend = "xla"
-  final = train.train_and_evaluate(config, workdir)
-  return workdir, final
+  # Without main.py's YNN fusions, as the in-process runs below compile.
+  result = subprocess.run(
+      [sys.executable, "main.py", f"--config=tests/configs/tiny_detector.py:"
+       f"{detector_config.dataset.data_dir}", f"--workdir={workdir}", "--config.conv_backend=xla"],
+      cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+                     "SEG_JAX_PLAIN_XLA": "1"},
+      capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  final = {k: np.nan if v is None else v for k, v in _records(workdir)[-1].items()}
+  return workdir, final, result.stderr
 
 
 def test_detector_trains_in_the_shared_loop_and_reports_coco_ap(detector_run):
-  workdir, final = detector_run
+  """main.py trains the detector with the shared loop: its losses fall, every loss term and COCO
+  statistic is written, the console shows the COCO table, and the eval picture is drawn."""
+  workdir, final, stderr = detector_run
+  assert "eval at step 20" in stderr
+  table = stderr[stderr.index("eval at step 20"):].splitlines()
+  header = next(i for i, l in enumerate(table) if l.split() == ["AP", "AP50", "AP75", "APs", "APm", "APl"])
+  assert [l.split()[0] for l in table[header + 1:header + 3]] == ["box", "mask"], table[:header + 3]
   records = _records(workdir)
   losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert len(losses) == 4 and losses[-1] < 0.85 * losses[0], losses
@@ -189,9 +203,9 @@ def test_detector_trains_in_the_shared_loop_and_reports_coco_ap(detector_run):
       assert key in last and key in final, key
       # Every object of 32 px scenes is small: no medium/large AP (null in JSON, NaN returned).
       if name in ("APm", "APl"):
-        assert last[key] is None and np.isnan(final[key]), key
+        assert last[key] is None, key
       else:
-        assert 0.0 <= last[key] <= 1.0 and last[key] == pytest.approx(final[key]), key
+        assert 0.0 <= last[key] <= 1.0, key
   picture = Image.open(os.path.join(workdir, "visuals", "eval_step_000020.png"))
   assert picture.size[0] == 3 * (32 * 8 + 4) and picture.size[1] >= 4 * (32 * 8 + 4)
 
@@ -211,7 +225,7 @@ def test_a_resumed_detector_ends_bit_identical_to_an_uninterrupted_one(detector_
   optimiser state) and every logged loss equal the uninterrupted run's bit for bit. The RoI
   sampling key is folded from the seed and the step, so the resumed steps sample the same RoIs
   (and the constant learning rate makes a 10-step run a prefix of the 20-step one)."""
-  one_dir, _ = detector_run
+  one_dir, _, _ = detector_run
   config = tiny_detector_config(detector_config.dataset.data_dir)
   config.conv_backend = "xla"  # as detector_run
   assert config.optimizer.schedule == "constant" and config.num_train_steps == 20
@@ -236,7 +250,7 @@ def test_eval_mode_of_a_detector_workdir_without_config_prints_its_coco_table(de
   """`main.py --mode=eval` with only the workdir: it rebuilds the Mask R-CNN from config.json
   and prints the COCO table, whose numbers are those the run's final evaluation returned (same
   checkpoint, same convolution backend from config.json)."""
-  one_dir, final = detector_run
+  one_dir, final, _ = detector_run
   result = subprocess.run([sys.executable, "main.py", f"--workdir={one_dir}", "--mode=eval"],
                           cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           capture_output=True, text=True, timeout=300)
@@ -282,7 +296,7 @@ print("EVAL " + json.dumps(train.evaluate(config, one_device_workdir)))
 def test_detector_training_matches_on_four_devices(detector_run, detector_config, tmp_path):
   """The batch sharded over 4 simulated devices: the same losses and COCO scores as on 1, and
   the 1-device checkpoint evaluated on 4 devices scores exactly what it scored on 1."""
-  one_dir, one = detector_run
+  one_dir, one, _ = detector_run
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   result = subprocess.run(

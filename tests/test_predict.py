@@ -5,6 +5,7 @@ outputs, a whole-image blend with a Hann window written here, flipped views
 averaged here.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -470,14 +471,29 @@ def test_tiled_prediction_of_a_trained_unet_equals_the_whole_image_away_from_til
   assert (tiled.argmax(-1) == full.argmax(-1))[clean].all()
 
 
-def test_eval_mode_still_prints_the_per_class_table(trained_workdir, capsys):
+def test_eval_mode_prints_the_per_class_table_of_the_training_runs_evaluation(trained_workdir,
+                                                                             capsys):
+  """--mode=eval's train.evaluate on the step-2 checkpoint prints, class by class, the Dice and
+  IoU the training run's own step-2 evaluation wrote to metrics.jsonl (NaN there is null)."""
   config, _, workdir = trained_workdir
-  scores = train.evaluate(config, workdir)
-  printed = capsys.readouterr().out
-  assert "at step 2:" in printed
-  for name in ("background", "disc", "cross", "mean", "pixel accuracy"):
-    assert name in printed
-  assert 0 <= scores["eval/dice"] <= 1
+  train.evaluate(config, workdir)
+  printed = capsys.readouterr().out.splitlines()
+  assert any(line.endswith("at step 2:") for line in printed), printed
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    written = [r for r in map(json.loads, f) if "eval/dice" in r]
+  assert [r["step"] for r in written] == [2]
+  written = {k: np.nan if v is None else v for k, v in written[0].items()}
+  rows = {line.split()[0]: line.split()[1:] for line in printed if len(line.split()) == 3}
+  names = ("background", "disc", "square", "triangle", "ring", "cross")
+  for name in names:
+    for printed_value, key in zip(rows[name], (f"eval/dice/{name}", f"eval/iou/{name}")):
+      want = written[key]
+      assert (printed_value == "nan") if np.isnan(want) else (
+          float(printed_value) == pytest.approx(want, abs=5e-5)), (name, key, printed_value, want)
+  assert [float(v) for v in rows["mean"]] == pytest.approx(
+      [written["eval/dice"], written["eval/jaccard"]], abs=5e-5)
+  pixel = next(line for line in printed if line.startswith("pixel accuracy"))
+  assert float(pixel.split()[-1]) == pytest.approx(written["eval/pixel_accuracy"], abs=5e-5)
 
 
 # ---------------------------------------------------------------------------- palette, legend

@@ -13,7 +13,6 @@ import os
 import pickle
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import pytest
 
 from seg_jax import train
 from seg_jax.data import pipeline
+from tests.conftest import reserved_port
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = ("steps_per_sec", "uptime", "compile_seconds", "wall_seconds", "num_params")
 
 # main.py; with PAUSE_BEFORE_STEP=N, before handing out step N's batch (steps up to N - 1
-# done and logged) it prints "PAUSED N" and waits for a line on stdin.
+# done and logged) it prints "PAUSED N" and waits for a line on stdin other than "ping", answering
+# each "ping" with "PONG" (Python runs a signal's handler before the next line of Python after the
+# read, so a PONG means every signal sent before the ping has been handled).
 _MAIN = """
 import os, sys
 sys.argv = ["main.py"] + sys.argv[1:]
@@ -44,7 +46,8 @@ def paused(*args, **kwargs):
   for step, batch in enumerate(real(*args, **kwargs), start=kwargs.get("start_step", 0) + 1):
     if step == pause:
       print("PAUSED", step, flush=True)
-      sys.stdin.readline()  # a signal arriving meanwhile is handled, then the read goes on
+      while sys.stdin.readline() == "ping\\n":  # a signal meanwhile is handled, the read goes on
+        print("PONG", flush=True)
     yield batch
 pipeline.train_batches = paused
 from absl import app
@@ -97,10 +100,11 @@ def _last_logged_step(workdir):
 HANG_GUARD_S = 600  # only for a run that hangs; every wait below ends on an event
 
 
-def _interrupt(command, env, workdir, *, signum, checkpoint=None):
+def _interrupt(command, env, workdir, *, signum, checkpoint=None, times=1):
   """Starts a run paused (env PAUSE_BEFORE_STEP) before a step; once it says it is paused (and
-  has committed the `checkpoint` step: saves are asynchronous) sends `signum`, then lets it go
-  on; returns its exit code and stderr."""
+  has committed the `checkpoint` step: saves are asynchronous) sends `signum` `times` times, each
+  once the run has handled the one before, then lets it go on; returns its exit code and
+  stderr."""
   stderr_path = os.path.join(workdir, f"stderr_{time.monotonic_ns()}.txt")
   os.makedirs(workdir, exist_ok=True)
   with open(stderr_path, "w") as stderr_file:  # a file: a full stderr pipe cannot block the run
@@ -122,10 +126,19 @@ def _interrupt(command, env, workdir, *, signum, checkpoint=None):
       assert process.poll() is None, stderr()
       assert time.monotonic() - waited < HANG_GUARD_S, "checkpoint never committed"
       time.sleep(0.02)
-    process.send_signal(signum)
+    for i in range(times):
+      if i:
+        process.stdin.write("ping\n")
+        process.stdin.flush()
+        while (line := lines.get(timeout=HANG_GUARD_S)) != "PONG\n":
+          assert line is not None, f"the run ended after signal {i}: {stderr()}"
+      process.send_signal(signum)
     if signum != signal.SIGKILL:
-      process.stdin.write("go\n")
-      process.stdin.flush()
+      try:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+      except BrokenPipeError:  # it has stopped at once, as a second Ctrl-C asks
+        pass
     process.wait(timeout=HANG_GUARD_S)
   finally:
     if process.poll() is None:
@@ -154,25 +167,36 @@ def uninterrupted(data_dir, prepared, tmp_path_factory):
   return workdir
 
 
-def test_sigkill_twice_then_sigterm_ends_bit_identical(data_dir, prepared, uninterrupted, tmp_path):
+def test_kills_and_stop_requests_then_resume_end_bit_identical(data_dir, prepared, uninterrupted,
+                                                               tmp_path):
   workdir = str(tmp_path)
   command = _command(data_dir, workdir, prepared)
-  # SIGKILL after step 12 (step 10's checkpoint committed), then after step 22 (step 20's):
-  # each restart resumes there.
+  steps = lambda: ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+  # SIGKILL after step 12 (step 10's checkpoint committed): the restart resumes there.
   code, _ = _interrupt(command, _env(pause_before_step=13), workdir, signum=signal.SIGKILL,
                        checkpoint=10)
   assert code == -signal.SIGKILL
-  code, _ = _interrupt(command, _env(pause_before_step=23), workdir, signum=signal.SIGKILL,
-                       checkpoint=20)
-  assert code == -signal.SIGKILL
+  # Ctrl-C while step 16's batch is being read: finish step 16, save it, exit 0.
+  code, stderr = _interrupt(command, _env(pause_before_step=16), workdir, signum=signal.SIGINT)
+  assert code == 0, stderr[-3000:]
+  assert "SIGINT received: stopped after step 16 and saved a checkpoint" in stderr
+  assert ("stopped after step 16 on request; checkpoint saved; run the same command again to "
+          "resume") in stderr
+  assert max(steps()) == 16 == _last_logged_step(workdir)
+  # Ctrl-C twice while step 23's batch is being read (step 20's checkpoint committed): it stops
+  # at once, as Python's KeyboardInterrupt does: no step 23, no save, killed by SIGINT.
+  code, stderr = _interrupt(command, _env(pause_before_step=23), workdir, signum=signal.SIGINT,
+                            checkpoint=20, times=2)
+  assert code == -signal.SIGINT, stderr[-3000:]
+  assert "KeyboardInterrupt" in stderr and "stopped after step" not in stderr
+  assert max(steps()) == 20 and _last_logged_step(workdir) == 22
   # SIGTERM while step 25's batch is being read: finish step 25, save it, exit 0.
   code, stderr = _interrupt(command, _env(pause_before_step=25), workdir, signum=signal.SIGTERM)
   assert code == 0, stderr[-3000:]
+  assert "SIGTERM received: stopped after step 25 and saved a checkpoint" in stderr
   assert ("stopped after step 25 on request; checkpoint saved; run the same command again to "
           "resume") in stderr
-  steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
-  stopped_at = max(steps)
-  assert stopped_at == 25 == _last_logged_step(workdir)
+  assert max(steps()) == 25 == _last_logged_step(workdir)
   result = _run(command, _env())
   assert result.returncode == 0, result.stderr[-3000:]
 
@@ -192,55 +216,77 @@ def test_repeated_runs_are_identical(data_dir, prepared, uninterrupted, tmp_path
   assert _comparable(_records(tmp_path)) == _comparable(_records(uninterrupted))
 
 
-def _reserved_port() -> socket.socket:
-  """A socket bound to a free port, to hold for as long as the run uses the port: no other
-  process can bind it meanwhile (closing it first, then starting the run, left a window in
-  which another test on the machine could take the port). SO_REUSEPORT lets JAX's coordinator
-  (gRPC, which sets it too) bind the same port; connections go to the coordinator, the only
-  one listening."""
-  s = socket.socket()
-  s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-  s.bind(("127.0.0.1", 0))
-  return s
-
-
-def test_two_processes_equal_one_process_with_two_devices(data_dir, prepared, tmp_path):
-  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-  extra = ("--config.num_train_steps=10", "--config.eval_every_steps=10",
-           "--config.checkpoint_every_steps=10")
-  result = _run(_command(data_dir, single, prepared, *extra), _env(devices=2))
-  assert result.returncode == 0, result.stderr[-3000:]
-  # Each process's stderr goes to a file: a full pipe of one must not stall both.
-  logs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]
-  with _reserved_port() as port_socket:
+def _two_processes(data_dir, workdir, cache_dir, extra, logs, *, signal_process_1_before=0):
+  """main.py as processes 0 and 1 of a 2-process job (one CPU device each); with
+  `signal_process_1_before=N`, process 1 alone gets SIGTERM while it is paused before step N.
+  Returns the exit codes."""
+  with reserved_port() as port_socket:
     port = port_socket.getsockname()[1]
     processes = []
     for i, log in enumerate(logs):
-      with open(log, "w") as stderr_file:
+      pause = signal_process_1_before if i == 1 else 0
+      with open(log, "w") as stderr_file:  # a file: a full pipe of one must not stall both
         processes.append(subprocess.Popen(
-            _command(data_dir, multi, prepared, *extra, f"--coordinator_address=127.0.0.1:{port}",
-                     "--num_processes=2", f"--process_id={i}"),
-            cwd=REPO, env=_env(devices=1), stdout=subprocess.DEVNULL, stderr=stderr_file))
+            _command(data_dir, workdir, cache_dir, *extra,
+                     f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                     f"--process_id={i}"),
+            cwd=REPO, env=_env(devices=1, pause_before_step=pause), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE if pause else subprocess.DEVNULL, stderr=stderr_file,
+            text=True))
     try:
-      for process, log in zip(processes, logs):
-        process.wait(timeout=300)
-        assert process.returncode == 0, log.read_text()[-3000:]
+      if signal_process_1_before:
+        paused = processes[1]
+        for line in paused.stdout:   # process 0 waits meanwhile, in step N's collectives
+          if line.startswith("PAUSED"):
+            break
+        else:
+          raise AssertionError(f"process 1 ended before pausing: {logs[1].read_text()[-3000:]}")
+        threading.Thread(target=paused.stdout.read, daemon=True).start()  # a full pipe blocks
+        paused.send_signal(signal.SIGTERM)
+        paused.stdin.write("go\n")
+        paused.stdin.close()
+      for process in processes:
+        process.wait(timeout=HANG_GUARD_S)
     finally:
       for process in processes:
         if process.poll() is None:
           process.kill()
-  stderr = logs[1].read_text()
-  assert "JAX devices: 2 (cpu), processes: 2" in stderr
+  return [process.returncode for process in processes]
+
+
+def test_two_processes_stop_together_and_equal_one_process_with_two_devices(data_dir, prepared,
+                                                                            tmp_path):
+  """SIGTERM to process 1 alone before step 6, log_every_steps=4: both processes stop after
+  step 8 (the next step at which they compare their flags), save it and exit 0; resumed, the
+  job ends as one process with two devices does."""
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  extra = ("--config.num_train_steps=10", "--config.eval_every_steps=10",
+           "--config.checkpoint_every_steps=10", "--config.log_every_steps=4")
+  result = _run(_command(data_dir, single, prepared, *extra), _env(devices=2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  logs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]
+  codes = _two_processes(data_dir, multi, prepared, extra, logs, signal_process_1_before=6)
+  stderrs = [log.read_text() for log in logs]
+  assert codes == [0, 0], [s[-3000:] for s in stderrs]
+  assert "JAX devices: 2 (cpu), processes: 2" in stderrs[1]
+  assert "SIGTERM received: stopped after step 8" in stderrs[1]
+  assert "stop request received: stopped after step 8" in stderrs[0]
+  for stderr in stderrs:
+    assert "stopped after step 8 on request; checkpoint saved" in stderr
+  checkpoints = lambda: ocp.CheckpointManager(os.path.join(multi, "checkpoints")).all_steps()
+  assert checkpoints() == [8] and _last_logged_step(multi) == 8
+  codes = _two_processes(data_dir, multi, prepared, extra, logs)
+  assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+  assert checkpoints() == [8, 10]
 
   single_records, multi_records = _comparable(_records(single)), _comparable(_records(multi))
   # Process 0 alone wrote metrics: one record per step, not two.
-  assert [r["step"] for r in multi_records] == [r["step"] for r in single_records]
+  assert [r["step"] for r in multi_records] == [r["step"] for r in single_records] == [4, 8, 10, 10]
   single_eval, multi_eval = single_records[-1], multi_records[-1]
   assert "eval/dice" in multi_eval
   assert multi_eval == pytest.approx(single_eval, rel=1e-6, abs=1e-7)
   assert [r["train/loss"] for r in multi_records if "train/loss" in r] == pytest.approx(
       [r["train/loss"] for r in single_records if "train/loss" in r], rel=1e-6)
-  assert ocp.CheckpointManager(os.path.join(multi, "checkpoints")).all_steps() == [10]
 
 
 # ---------------------------------------------------------------------------- in-process faults

@@ -58,9 +58,28 @@ def _numpy_conv(x, kernel, bias, stride, pad):
   return out + (0 if bias is None else bias)
 
 
+def _numpy_max_pool_3x3_stride2(x):
+  """torch.nn.MaxPool2d(3, stride=2, padding=1) of x [H, W, C]: the padding never wins (-inf)."""
+  padded = np.pad(x.astype(np.float64), ((1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  out_h, out_w = (x.shape[0] - 1) // 2 + 1, (x.shape[1] - 1) // 2 + 1
+  windows = [padded[a:a + 2 * out_h:2, b:b + 2 * out_w:2] for a in range(3) for b in range(3)]
+  return np.max(windows, axis=0)
+
+
+def test_stem_max_pool_pads_as_torchvision():
+  """Odd and even sides, values all negative: zero padding would put 0 in every border output,
+  XLA's 'SAME' (0 before, 1 after on even sides) would shift the windows."""
+  x = -1.0 - np.random.default_rng(0).random((2, 7, 8, 3)).astype(np.float32)
+  got = np.asarray(layers.max_pool_3x3_stride2(jnp.asarray(x)))
+  want = np.stack([_numpy_max_pool_3x3_stride2(image) for image in x])
+  assert got.shape == want.shape == (2, 4, 4, 3)
+  assert np.all(got < -1.0)
+  np.testing.assert_array_equal(got, want)
+
+
 def test_strided_resnet_convs_pad_symmetrically_as_torchvision():
-  """The 7x7/2 stem conv (padding 3), a block's 3x3/2 conv (padding 1) and its 1x1/2 projection
-  (padding 0) against numpy convolutions padded as torchvision's are. On an even input, XLA's
+  """The 7x7/2 stem conv (padding 3), the stem's 3x3/2 max pool (padding 1), a block's 3x3/2 conv
+  (padding 1) and its 1x1/2 projection (padding 0) against numpy convolutions padded as torchvision's are. On an even input, XLA's
   'SAME' would pad 2 before and 3 after for the stem (1 and 2 in the 3x3's case) and so shift
   every output by one tap; the output shapes are the same either way."""
   model = resnet.ResNet("resnet18", 8, 32, "imagenet", norm="none")  # norm none: convs keep a bias
@@ -76,6 +95,14 @@ def test_strided_resnet_convs_pad_symmetrically_as_torchvision():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(features["c1"][0]), np.maximum(want, 0), rtol=1e-4,
                              atol=1e-4)
+
+  # The stem's max pool (3x3/2, padding 1) feeds stage 1's first convolution (3x3/1, padding 1).
+  pooled = _numpy_max_pool_3x3_stride2(np.asarray(features["c1"][0]))
+  assert pooled.shape == (8, 9, 8)
+  block = params["stage1_block1"]["Conv_0"]
+  got = np.asarray(captured["stage1_block1"]["Conv_0"]["__call__"][0][0])
+  want = _numpy_conv(pooled, np.asarray(block["kernel"]), np.asarray(block["bias"]), 1, 1)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
   block = params["stage2_block1"]
   c2 = np.asarray(features["c2"][0])            # the block's input: 8 x 9 (even and odd sides)

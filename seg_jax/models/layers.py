@@ -93,6 +93,14 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
+  """ResNet's stem pooling, as torchvision's `nn.MaxPool2d(3, stride=2, padding=1)`: one row and
+  column of padding on every side that never wins the max (-inf, not zero, so a window at the
+  border takes the largest real value even when all are negative). XLA's 'SAME' would pad 0
+  before and 1 after on even sides and shift every output by one pixel."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
 def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
   """[N, H, W, b*b*C] -> [N, b*H, b*W, C]; channel index (i*b + j)*C + c goes to offset (i, j)."""
   n, h, w, c = x.shape

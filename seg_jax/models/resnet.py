@@ -177,7 +177,7 @@ class ResNet(nn.Module):
       x = _conv(self.width, 7, 2, dtype=self.dtype, use_bias=bias, name="stem_conv")(x)
       x = norm_relu(x)
       features["c1"] = x
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = layers.max_pool_3x3_stride2(x)
     elif self.stem in ("small", "small_stride2"):
       x = _conv(self.width // 2, 3, dtype=self.dtype, use_bias=bias, name="stem_conv1")(x)
       x = norm_relu(x)
