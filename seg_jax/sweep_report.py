@@ -294,7 +294,7 @@ def paired_bootstrap(metric: str, baseline: Sequence[dict], variant: Sequence[di
   tail = (1 - CONFIDENCE) / 2
   low, high = np.quantile(draws, [tail, 1 - tail])
   share = lambda count: (1 + count) / (resamples + 1)
-  p_value = min(1.0, 2 * min(share(np.sum(draws <= 0)), share(np.sum(draws >= 0))))
+  p_value = min(1.0, 2 * min(share(int(np.sum(draws <= 0))), share(int(np.sum(draws >= 0)))))
   return estimate, float(low), float(high), p_value, draws
 
 
