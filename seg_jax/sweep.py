@@ -65,7 +65,7 @@ SPEC_KEYS = ("axes", "seeds", "metrics", "baseline")
 MAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py")
 # Keys that may differ between a run's config.json and its config without
 # changing what it trains (machine-local paths, how often it logs or saves).
-NOT_COMPARED = ("compilation_cache_dir", "dataset.data_dir", "log_every_steps",
+NOT_COMPARED = ("compilation_cache_dir", "dataset.data_dir", "log_every_steps", "checkpoint.use",
                 "checkpoint_every_steps", "keep_checkpoints", "num_eval_visuals")
 
 

@@ -113,13 +113,13 @@ def test_accumulating_four_batches_of_two_is_one_batch_of_eight(data_dir):
 
 def _run_config(data_dir):
   """Batch-norm U-Net, accumulate 2, EMA, best checkpoint by eval/dice; evaluations at 4, 8 and
-  12; checkpoints at 5 (mid-accumulation), 10 and 12."""
+  12; checkpoints at 3 (mid-accumulation), 6, 9 and 12 (the newest 3 kept)."""
   c = tiny_config(data_dir)
   c.conv_backend = "xla"
   c.num_train_steps = 12
   c.log_every_steps = 2
   c.eval_every_steps = 4
-  c.checkpoint_every_steps = 5
+  c.checkpoint_every_steps = 3
   c.optimizer.accumulate_steps = 2
   c.optimizer.ema_decay = DECAY
   c.checkpoint.best_metric = "eval/dice"
@@ -138,8 +138,8 @@ def _evals(workdir):
 
 @pytest.fixture(scope="module")
 def runs(data_dir, tmp_path_factory):
-  """The same run uninterrupted, and stopped by an error after step 6 (its newest checkpoint:
-  step 5, mid-accumulation) then resumed."""
+  """The same run uninterrupted, and stopped by an error after step 3 (its checkpoint is
+  mid-accumulation) then resumed."""
   config = _run_config(data_dir)
   whole = str(tmp_path_factory.mktemp("whole"))
   train.train_and_evaluate(config, whole)
@@ -148,17 +148,17 @@ def runs(data_dir, tmp_path_factory):
 
   def failing(*args, **kwargs):
     for step, batch in enumerate(real(*args, **kwargs), start=1):
-      if step == 7:
-        raise RuntimeError("stopped before step 7")
+      if step == 4:
+        raise RuntimeError("stopped before step 4")
       yield batch
 
   pipeline.train_batches = failing
   try:
-    with pytest.raises(RuntimeError, match="stopped before step 7"):
+    with pytest.raises(RuntimeError, match="stopped before step 4"):
       train.train_and_evaluate(config, resumed)
   finally:
     pipeline.train_batches = real
-  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["5"]
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["3"]
   train.train_and_evaluate(config, resumed)
   return config, whole, resumed
 
@@ -179,7 +179,7 @@ def test_resume_mid_accumulation_is_bit_identical_and_keeps_the_best(runs):
   for workdir in (whole, resumed):
     (best,) = map(int, os.listdir(os.path.join(workdir, train.BEST_CHECKPOINT_DIR)))
     assert dice[best] == max(dice.values())
-  assert sorted(os.listdir(os.path.join(whole, "checkpoints"))) == ["10", "12", "5"]
+  assert sorted(os.listdir(os.path.join(whole, "checkpoints"))) == ["12", "6", "9"]
 
 
 def test_first_evaluation_reports_raw_and_ema_weights(runs):
@@ -193,7 +193,7 @@ def test_checkpoint_use_picks_best_latest_or_a_step(runs):
   config, whole, _ = runs
   dice = {step: r["eval/dice"] for step, r in _evals(whole).items()}
   best_step = max(dice, key=dice.get)
-  for use, step in (("best", best_step), ("latest", 12), ("10", 10)):
+  for use, step in (("best", best_step), ("latest", 12), ("9", 9)):
     c = config.copy_and_resolve_references()
     c.checkpoint.use = use
     trainer = train.Trainer(c, whole, with_data=False)
