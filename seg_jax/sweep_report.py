@@ -525,11 +525,13 @@ def plot_curves(path: str, variants: Sequence[Variant], rows: list[dict[str, Any
 def plot_forest(ax, found: Sequence[Difference], labels_of: dict[str, str]) -> None:
   """One row per comparison: the difference (dot) and its 95% interval (line); a filled dot
   where the interval excludes 0."""
+  import matplotlib.ticker
   for i, d in enumerate(found):
     ax.plot([d.low, d.high], [i, i], color="k", linewidth=1.5)
     ax.plot([d.estimate], [i], "o", color="k", markersize=7,
             markerfacecolor="k" if d.significant else "white")
   ax.axvline(0.0, color="tab:red", linewidth=1, linestyle="--")
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
   ax.set_yticks(range(len(found)), [f"{labels_of[d.variant]}\nvs {labels_of[d.baseline]}\n"
                                     f"p={d.p_value:.3g}" for d in found], fontsize=7)
   ax.set_ylim(len(found) - 0.5, -0.5)
