@@ -32,6 +32,7 @@ DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("default", "high", "highest")  # jax_default_matmul_precision
 TTA_MODES = ("none", "hflip", "hvflip")
 ON_NONFINITE = ("stop", "skip")
+BEST_MODES = ("max", "min")
 DEFAULT_MODEL = "unet"
 DEFAULT_DATASET = "shapes"
 
@@ -95,6 +96,25 @@ def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
   c.optimizer.end_learning_rate_factor = 0.0  # polynomial/cosine: final lr / peak lr
   c.optimizer.power = 0.9           # polynomial decay power ("poly" schedule of DeepLab)
   c.optimizer.grad_clip_norm = 0.0  # clip by global norm; 0 = off
+  # Exponential moving average of the weights, updated after every optimiser update:
+  # ema = decay * ema + (1 - decay) * params, starting from the initial params; 0 = off. When
+  # on, evaluation, checkpoints' inference weights, eval and predict use the average
+  # (train.inference_variables); batch-norm statistics are the trained model's own.
+  c.optimizer.ema_decay = 0.0
+  # Gradient accumulation (optax.MultiSteps): the mean gradient of this many consecutive train
+  # steps (each of batch_size) makes one optimiser update, i.e. an effective batch of
+  # accumulate_steps * batch_size. num_train_steps counts batches and must be a multiple; the
+  # learning-rate schedule and warmup_steps count optimiser updates (num_train_steps / k of them).
+  c.optimizer.accumulate_steps = 1
+
+  # Checkpoints besides the newest keep_checkpoints in WORKDIR/checkpoints.
+  c.checkpoint = ml_collections.ConfigDict()
+  # Also keep the checkpoint of the best evaluation by this eval scalar (e.g. eval/dice, or
+  # eval/mask_AP) in WORKDIR/checkpoints_best; '' = off.
+  c.checkpoint.best_metric = ""
+  c.checkpoint.best_mode = "max"    # max | min: which value of best_metric is best
+  # Which checkpoint --mode=eval and --mode=predict use: latest | best | a step number.
+  c.checkpoint.use = "latest"
 
   # --mode=predict: segment image files with the newest checkpoint (seg_jax/predict.py).
   c.predict = ml_collections.ConfigDict()
@@ -293,6 +313,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("conv_backend", conv_ops.BACKENDS)
   choice("on_nonfinite", ON_NONFINITE)
   choice("predict.tta", TTA_MODES)
+  choice("checkpoint.best_mode", BEST_MODES)
   for key in ("batch_size", "num_train_steps", "log_every_steps", "eval_every_steps",
               "checkpoint_every_steps", "keep_checkpoints", "dataset.num_classes",
               "dataset.image_size", "optimizer.learning_rate"):
@@ -344,9 +365,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not isinstance(config.predict.save_probabilities, bool):
     _fail("predict.save_probabilities", config.predict.save_probabilities, "must be True or False")
 
-  if config.optimizer.warmup_steps >= config.num_train_steps:
-    _fail("optimizer.warmup_steps", config.optimizer.warmup_steps,
-          f"must be < num_train_steps={config.num_train_steps}")
+  _validate_averaging_and_checkpoints(config)
 
   try:
     terms = losses.parse_loss_name(str(config.loss.name))
@@ -369,6 +388,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.dataset.ignore_label or 0 <= config.dataset.ignore_label < config.dataset.num_classes:
     _fail("dataset.ignore_label", config.dataset.ignore_label,
           f"must be >= 0 and outside [0, num_classes={config.dataset.num_classes})")
+
+
+def _validate_averaging_and_checkpoints(config: ml_collections.ConfigDict) -> None:
+  """EMA, gradient accumulation (and the number of optimiser updates), the best checkpoint."""
+  o = config.optimizer
+  decay = o.ema_decay
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+    _fail("optimizer.ema_decay", decay, "must be in [0, 1) (0 = off)")
+  registry.check_int("optimizer.accumulate_steps", o.accumulate_steps, minimum=1)
+  if config.num_train_steps % o.accumulate_steps:
+    _fail("num_train_steps", config.num_train_steps,
+          f"must be a multiple of optimizer.accumulate_steps={o.accumulate_steps}")
+  updates = num_optimizer_updates(config)
+  if o.warmup_steps >= updates:
+    _fail("optimizer.warmup_steps", o.warmup_steps,
+          f"must be < the number of optimiser updates, {updates} (num_train_steps="
+          f"{config.num_train_steps} / optimizer.accumulate_steps={o.accumulate_steps})"
+          if o.accumulate_steps > 1 else f"must be < num_train_steps={config.num_train_steps}")
+  metric = config.checkpoint.best_metric
+  if not isinstance(metric, str) or (metric and not metric.startswith("eval/")):
+    _fail("checkpoint.best_metric", metric, "must be '' (off) or an eval scalar such as eval/dice")
+  use = str(config.checkpoint.use)
+  if use not in ("latest", "best") and not use.isdigit():
+    _fail("checkpoint.use", config.checkpoint.use, "must be latest, best or a step number")
+  if use == "best" and not metric:
+    _fail("checkpoint.use", use, "needs checkpoint.best_metric (the metric the run kept its best "
+          "checkpoint by)")
+
+
+def num_optimizer_updates(config: ml_collections.ConfigDict) -> int:
+  """Optimiser updates of the run: the train steps over the steps accumulated per update."""
+  return config.num_train_steps // config.optimizer.accumulate_steps
 
 
 def schema_default(key: str, config: ml_collections.ConfigDict | None = None) -> Any:

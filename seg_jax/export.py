@@ -260,10 +260,13 @@ def _run_stablehlo(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 # ---------------------------------------------------------------------------- host: the command
 
-def _checkpoint_state(trainer, step: int):
-  if step:
-    return trainer.checkpoint_state(step)
-  return trainer.latest_checkpoint_state()
+def _export_state(config, trainer):
+  """export.step, when set, names the checkpoint; otherwise checkpoint.use does (latest by
+  default, or best), as for eval and predict."""
+  if config.export.step:
+    with config.unlocked():
+      config.checkpoint.use = str(config.export.step)
+  return trainer.inference_state()
 
 
 def export_variables(model: nn.Module, variables: dict, out_dir: str, *, channels: int,
@@ -377,11 +380,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   min_size = config.export.min_size or config.predict.tile_size
   trainer = train.Trainer(config, workdir, with_data=False)
   try:
-    state = _checkpoint_state(trainer, config.export.step)
+    state = _export_state(config, trainer)
   finally:
-    trainer.checkpoints.close()
+    trainer.close()
   step = int(jax.device_get(state.step))
-  variables = jax.device_get(train.model_variables(state))
+  variables = jax.device_get(train.inference_variables(state))
   del state
   info = workdir_lib.read_model_info(workdir)
   info = {"model": info["model"], "class_names": info["class_names"],

@@ -319,11 +319,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   trainer = train.Trainer(config, workdir, with_data=False)
   try:
-    state = trainer.latest_checkpoint_state()
+    state = trainer.inference_state()  # config.checkpoint.use: latest, best or a step
   finally:
-    trainer.checkpoints.close()
+    trainer.close()
   step = int(jax.device_get(state.step))
-  variables = train.model_variables(state)
+  variables = train.inference_variables(state)
   del state  # the optimiser state is not needed
   num_classes = config.dataset.num_classes
   channels = model_input_channels(trainer.model, variables, p.tile_size)

@@ -7,8 +7,9 @@
 
 A sweep file is an ordinary experiment config (`get_config()`, trainable on its
 own with main.py) plus `get_sweep()`, which returns
-`{"axes": {"loss.name": ["ce", "ce+dice"], ...}, "seeds": 2, "metrics": ["eval/dice", ...]}`
-("seeds" and "metrics" optional). `--sweep` flags add axes or replace a file's
+`{"axes": {"loss.name": ["ce", "ce+dice"], ...}, "seeds": 2, "metrics": ["eval/dice", ...],
+"baseline": "loss.name=ce"}` ("seeds", "metrics" and "baseline" optional; `--baseline` adds the
+paired comparison of every variant with its baseline to the report, sweep_report.differences). `--sweep` flags add axes or replace a file's
 axis of the same key; `--seeds` replaces its seed count. Axis keys are checked
 against `config.base_config()` and every run's config is validated before the
 first run starts, so a typo fails at once with one line.
@@ -60,11 +61,11 @@ from seg_jax import config as config_lib
 from seg_jax import sweep_report
 
 SPEC_FILE = "sweep.json"
-SPEC_KEYS = ("axes", "seeds", "metrics")
+SPEC_KEYS = ("axes", "seeds", "metrics", "baseline")
 MAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py")
 # Keys that may differ between a run's config.json and its config without
 # changing what it trains (machine-local paths, how often it logs or saves).
-NOT_COMPARED = ("compilation_cache_dir", "dataset.data_dir", "log_every_steps",
+NOT_COMPARED = ("compilation_cache_dir", "dataset.data_dir", "log_every_steps", "checkpoint.use",
                 "checkpoint_every_steps", "keep_checkpoints", "num_eval_visuals")
 
 
@@ -238,10 +239,30 @@ def read_spec(sweep_dir: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def report(sweep_dir: str, metrics: Sequence[str] | None = None) -> dict[str, str]:
-  """Writes results.md, results.csv and curves.png for the sweep in `sweep_dir`."""
+def parse_baseline(text: str, axes: dict[str, list[Any]]) -> tuple[str, Any]:
+  """'loss.name=ce' -> ('loss.name', 'ce'), the value typed like the axis's; SweepError unless
+  the key is an axis and the value one of its values."""
+  key, sep, value = text.partition("=")
+  key = key.strip()
+  if not sep or not value.strip():
+    raise SweepError(f"--baseline={text}: expected key=value (an axis and one of its values)")
+  if key not in axes:
+    raise SweepError(f"--baseline={text}: {key} is not an axis of this sweep "
+                     f"(axes: {', '.join(axes) or 'none'})")
+  for candidate in axes[key]:
+    if format_value(candidate) == value.strip() or str(candidate) == value.strip():
+      return key, candidate
+  raise SweepError(f"--baseline={text}: {value} is not a value of {key} "
+                   f"({', '.join(map(format_value, axes[key]))})")
+
+
+def report(sweep_dir: str, metrics: Sequence[str] | None = None,
+           baseline: str | None = None) -> dict[str, str]:
+  """Writes results.md, results.csv and curves.png for the sweep in `sweep_dir`; `baseline`
+  ('key=value', default: the spec's) adds the paired comparisons against it."""
   spec = read_spec(sweep_dir)
   metrics = list(metrics or spec["metrics"])
+  baseline = baseline or spec.get("baseline")
   runs = plan(spec["axes"], spec["seeds"], sweep_dir)
   rows = []
   for overrides in variants(spec["axes"]):
@@ -249,7 +270,9 @@ def report(sweep_dir: str, metrics: Sequence[str] | None = None) -> dict[str, st
     rows.append(sweep_report.Variant(name, overrides,
                                      [r.workdir for r in runs if r.variant == name]))
   description = f"`{spec['command']}`" if spec.get("command") else ""
-  return sweep_report.write_report(sweep_dir, rows, metrics, description)
+  return sweep_report.write_report(
+      sweep_dir, rows, metrics, description,
+      parse_baseline(baseline, spec["axes"]) if baseline else None)
 
 
 # ---------------------------------------------------------------------------- running
@@ -354,6 +377,9 @@ def _define_flags():
                        "(default: the sweep file's, else 1).")
   flags.DEFINE_list("metrics", None, "Eval metrics of the table; the first is plotted "
                     f"(default: the sweep file's, else {','.join(sweep_report.DEFAULT_METRICS)}).")
+  flags.DEFINE_string("baseline", None, "key=value: the variants with this axis value are the "
+                      "baselines; the report adds each other variant's difference in the first "
+                      "metric with a 95% interval and p-value (paired bootstrap over images).")
   flags.DEFINE_bool("print_commands", False, "Print one main.py command per run and exit.")
   flags.DEFINE_bool("report", False, "Only write the report of the runs in --workdir.")
   flags.mark_flag_as_required("workdir")
@@ -369,7 +395,7 @@ def main(argv: list[str]) -> None:
   sweep_dir = FLAGS.workdir
   try:
     if FLAGS.report:
-      paths = report(sweep_dir, FLAGS.metrics)
+      paths = report(sweep_dir, FLAGS.metrics, FLAGS.baseline)
       print("\n".join(f"wrote {p}" for p in paths.values()))
       return
     if FLAGS.config is None:
@@ -387,6 +413,9 @@ def main(argv: list[str]) -> None:
       raise SweepError(f"--config.{clash[0]} is also a sweep axis; drop one of them")
     seeds = seed_list(base, FLAGS.seeds if FLAGS.seeds is not None else spec.get("seeds", 1))
     metrics = list(FLAGS.metrics or spec.get("metrics", sweep_report.DEFAULT_METRICS))
+    baseline = FLAGS.baseline or spec.get("baseline")
+    if baseline:
+      parse_baseline(baseline, axes)  # fails now, not after the runs
     runs = plan(axes, seeds, sweep_dir)
     validate_runs(base, runs)
     if FLAGS.print_commands:
@@ -396,7 +425,8 @@ def main(argv: list[str]) -> None:
     command = shlex.join(["python", "-m", "seg_jax.sweep", *(
         a for a in sys.argv[1:] if a.lstrip("-").split("=")[0] not in ("print_commands", "report"))])
     write_spec(sweep_dir, {"config": config_arg, "overrides": fixed, "axes": axes,
-                           "seeds": seeds, "metrics": metrics, "command": command})
+                           "seeds": seeds, "metrics": metrics, "command": command,
+                           **({"baseline": baseline} if baseline else {})})
     if FLAGS.print_commands:
       return
     print(f"sweep: {len(runs) // len(seeds)} variants x {len(seeds)} seeds = {len(runs)} runs "

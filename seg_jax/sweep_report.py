@@ -21,10 +21,17 @@ import os
 import statistics
 from typing import Any, Sequence
 
+import numpy as np
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+PER_IMAGE_FILE = os.path.join("eval", "per_image_step_{step}.csv")  # train.write_per_image
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # the report is the same every time it is written
+CONFIDENCE = 0.95
 DEFAULT_METRICS = ("eval/dice", "eval/miou")
 FIGURE_SIZE_INCHES = (12.0, 4.5)
+FOREST_FIGURE_SIZE_INCHES = (17.0, 4.5)
 FIGURE_DPI = 100
 
 
@@ -180,6 +187,185 @@ def _stat_columns(metrics: Sequence[str]) -> list[tuple[str, bool]]:
   return columns + [("wall_seconds", True)]
 
 
+# ---------------------------------------------------------------------------- differences
+
+@dataclasses.dataclass
+class Difference:
+  """variant minus baseline in one metric, paired over seeds and eval images."""
+  variant: str
+  baseline: str
+  metric: str
+  seeds: list[int]        # seeds both finished, with per-image results
+  images: int             # eval images per seed
+  estimate: float         # mean over seeds of (variant - baseline) on all images
+  low: float              # CONFIDENCE interval of the paired bootstrap (percentile)
+  high: float
+  p_value: float          # two-sided, from the bootstrap distribution
+  draws: np.ndarray       # the bootstrap distribution of the difference [BOOTSTRAP_RESAMPLES]
+
+  @property
+  def significant(self) -> bool:
+    """The interval excludes 0."""
+    return self.low > 0 or self.high < 0
+
+
+BOOTSTRAP_METHOD = (
+    "Differences: variant − baseline in the first metric, the mean over the seeds both finished "
+    "of the difference on the whole eval split (the same seed's runs paired). 95% interval and "
+    "two-sided p-value from a paired bootstrap over eval images stratified by seed: "
+    f"{BOOTSTRAP_RESAMPLES:,} times, in every seed the same images are drawn with replacement "
+    "for both runs and the dataset-level metric is recomputed from the drawn images' pixel "
+    "counts (WORKDIR/eval/per_image_step_N.csv); the interval is the 2.5th to 97.5th "
+    "percentile of the redrawn differences, p = 2·min(share ≤ 0, share ≥ 0) with a +1 "
+    "correction. It measures how much the difference depends on which images were evaluated, "
+    "with the trained models fixed: seed-to-seed variation of training is averaged, not "
+    "resampled. ✱: the interval excludes 0.")
+
+
+def read_per_image(path: str) -> dict[str, Any]:
+  """A per-image CSV (seg_jax/tasks/semantic.py) as {"id": [N], "classes": [K],
+  "intersection"/"truth"/"predicted": int64 [N, K]}."""
+  with open(path, newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  if not rows:
+    raise ReportError(f"{path}: no images")
+  classes = [k.split("/", 1)[1] for k in rows[0] if k.startswith("truth/")]
+  out = {"id": [r["image_id"] for r in rows], "classes": classes}
+  for kind in ("intersection", "truth", "predicted"):
+    out[kind] = np.array([[int(r[f"{kind}/{c}"]) for c in classes] for r in rows], np.int64)
+  return out
+
+
+def metric_from_counts(metric: str, classes: Sequence[str], intersection: np.ndarray,
+                       truth: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+  """The dataset-level `metric` from pixel counts summed over images, [..., K] -> [...]; the
+  formulas of metrics.scores_from_confusion (classes in neither truth nor prediction left out
+  of the means). ReportError for a metric the counts do not define."""
+  i, t, p = (np.asarray(a, np.float64) for a in (intersection, truth, predicted))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    dice = np.where(t + p > 0, 2 * i / (t + p), np.nan)
+    iou = np.where(t + p - i > 0, i / (t + p - i), np.nan)
+
+  def nanmean(x):
+    present = ~np.isnan(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      return np.where(present.any(-1), np.nansum(x, -1) / present.sum(-1), np.nan)
+
+  name = metric[len("eval/"):] if metric.startswith("eval/") else None
+  if name == "dice":
+    return nanmean(dice)
+  if name in ("jaccard", "miou"):
+    return nanmean(iou)
+  if name == "dice_foreground":
+    return nanmean(dice[..., 1:])
+  if name == "miou_foreground":
+    return nanmean(iou[..., 1:])
+  if name == "pixel_accuracy":
+    return i.sum(-1) / t.sum(-1)
+  kind, _, cls = (name or "").partition("/")
+  if kind in ("dice", "iou") and cls in classes:
+    return (dice if kind == "dice" else iou)[..., list(classes).index(cls)]
+  raise ReportError(f"{metric} cannot be recomputed from per-image pixel counts (the paired "
+                    "bootstrap needs eval/dice, eval/miou, eval/jaccard, eval/pixel_accuracy, "
+                    "eval/dice_foreground, eval/miou_foreground, eval/dice/CLASS or eval/iou/CLASS)")
+
+
+def paired_bootstrap(metric: str, baseline: Sequence[dict], variant: Sequence[dict], *,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+                     ) -> tuple[float, float, float, float, np.ndarray]:
+  """(estimate, low, high, p-value, draws) of mean over seeds of metric(variant) -
+  metric(baseline); `baseline[s]` and `variant[s]` are seed s's per-image counts
+  (`read_per_image`) on the same images. See BOOTSTRAP_METHOD."""
+  rng = np.random.default_rng(seed)
+  estimate, draws = 0.0, np.zeros(resamples)
+  for a, b in zip(baseline, variant, strict=True):
+    if a["id"] != b["id"]:
+      raise ReportError("the runs of a pair were evaluated on different images")
+    value = lambda run, w: metric_from_counts(
+        metric, run["classes"], *(w @ run[k] for k in ("intersection", "truth", "predicted")))
+    n = len(a["id"])
+    ones = np.ones(n, np.int64)
+    estimate += float(value(b, ones) - value(a, ones))
+    for start in range(0, resamples, 1000):  # [chunk, images] draw counts, bounded memory
+      chunk = min(1000, resamples - start)
+      weights = rng.multinomial(n, np.full(n, 1.0 / n), size=chunk)
+      draws[start:start + chunk] += value(b, weights) - value(a, weights)
+  estimate, draws = estimate / len(baseline), draws / len(baseline)
+  tail = (1 - CONFIDENCE) / 2
+  low, high = np.quantile(draws, [tail, 1 - tail])
+  share = lambda count: (1 + count) / (resamples + 1)
+  p_value = min(1.0, 2 * min(share(int(np.sum(draws <= 0))), share(int(np.sum(draws >= 0)))))
+  return estimate, float(low), float(high), p_value, draws
+
+
+def baseline_pairs(variants: Sequence[Variant], key: str, value: Any
+                   ) -> list[tuple[Variant, Variant]]:
+  """(baseline, variant) for every variant whose `key` differs from `value`: its baseline is the
+  variant with key=value and the same values of the other axes. ReportError if `key` is not an
+  axis or `value` not one of its values."""
+  if not variants or key not in variants[0].overrides:
+    raise ReportError(f"--baseline={key}=...: {key} is not an axis of this sweep")
+  text = lambda v: str(v).lower() if isinstance(v, bool) else str(v)
+  values = [text(v.overrides[key]) for v in variants]
+  if text(value) not in values:
+    raise ReportError(f"--baseline={key}={value}: not a value of the axis (values: "
+                      f"{', '.join(dict.fromkeys(values))})")
+  others = lambda v: {k: x for k, x in v.overrides.items() if k != key}
+  pairs = []
+  for variant in variants:
+    if text(variant.overrides[key]) == text(value):
+      continue
+    base = next(b for b in variants
+                if text(b.overrides[key]) == text(value) and others(b) == others(variant))
+    pairs.append((base, variant))
+  return pairs
+
+
+def _seed_of(run_dir: str) -> str:
+  return os.path.basename(os.path.normpath(run_dir))
+
+
+def differences(variants: Sequence[Variant], metric: str, key: str, value: Any
+                ) -> tuple[list[Difference], list[str]]:
+  """The paired comparison of each variant with its baseline (`baseline_pairs`) in `metric`,
+  over the seeds both finished; and notes on pairs that could not be compared."""
+  out, notes = [], []
+  for base, variant in baseline_pairs(variants, key, value):
+    per_seed = []
+    for base_dir in base.run_dirs:
+      other = next((d for d in variant.run_dirs if _seed_of(d) == _seed_of(base_dir)), None)
+      runs = [read_run(d, [metric]) for d in (base_dir, other) if d is not None]
+      if len(runs) < 2 or None in runs:
+        continue
+      paths = [os.path.join(d, PER_IMAGE_FILE.format(step=r.steps))
+               for d, r in zip((base_dir, other), runs)]
+      if not all(os.path.exists(p) for p in paths):
+        notes.append(f"{variant.name} {_seed_of(base_dir)}: no per-image results "
+                     f"({paths[0]}); not paired")
+        continue
+      per_seed.append((_seed_of(base_dir), read_per_image(paths[0]), read_per_image(paths[1])))
+    if not per_seed:
+      notes.append(f"{variant.name}: no seed finished with per-image results in both it and "
+                   f"{base.name}")
+      continue
+    estimate, low, high, p, draws = paired_bootstrap(
+        metric, [a for _, a, _ in per_seed], [b for _, _, b in per_seed])
+    out.append(Difference(variant.name, base.name, metric,
+                          [int(s.split("=")[1]) for s, _, _ in per_seed],
+                          len(per_seed[0][1]["id"]), estimate, low, high, p, draws))
+  return out, notes
+
+
+def differences_table(found: Sequence[Difference], labels_of: dict[str, str]) -> str:
+  lines = ["| variant | baseline | seeds | images | difference | 95% interval | p | |",
+           "|" + "---|" * 8]
+  for d in found:
+    lines.append(f"| {labels_of[d.variant]} | {labels_of[d.baseline]} | {len(d.seeds)} | "
+                 f"{d.images} | {d.estimate:+.4f} | [{d.low:+.4f}, {d.high:+.4f}] | "
+                 f"{d.p_value:.4f} | {'✱' if d.significant else ''} |")
+  return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- table files
 
 def _format_stat(stat: tuple[float, float], digits: int, unit: str = "") -> str:
@@ -192,8 +378,10 @@ def _format_stat(stat: tuple[float, float], digits: int, unit: str = "") -> str:
   return text + unit
 
 
-def write_csv(path: str, rows: list[dict[str, Any]], metrics: Sequence[str]) -> None:
-  """Machine-readable table: one column per axis key, means and stds as separate numbers."""
+def write_csv(path: str, rows: list[dict[str, Any]], metrics: Sequence[str],
+              found: Sequence[Difference] = ()) -> None:
+  """Machine-readable table: one column per axis key, means and stds as separate numbers; with
+  differences against a baseline, their columns (empty on the baseline rows)."""
   keys = list(rows[0]["overrides"]) if rows else []
   marks = {c: best_rows(rows, c, lower) for c, lower in _stat_columns(metrics)}
   header = ["variant", *keys, "seeds_finished", "seeds_total", "steps"]
@@ -201,6 +389,10 @@ def write_csv(path: str, rows: list[dict[str, Any]], metrics: Sequence[str]) -> 
     for kind in ("final", "best"):
       header += [f"{m} {kind} mean", f"{m} {kind} std"]
   header += ["wall_seconds mean", "wall_seconds std", "num_params", "best_in"]
+  by_variant = {d.variant: d for d in found}
+  if found:
+    header += ["baseline", "difference", "difference low", "difference high", "p value",
+               "paired seeds", "significant"]
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
     writer.writerow(header)
@@ -211,6 +403,10 @@ def write_csv(path: str, rows: list[dict[str, Any]], metrics: Sequence[str]) -> 
         line += ["" if not math.isfinite(v) else repr(v) for v in row[column]]
       line += ["" if row["num_params"] is None else row["num_params"],
                ";".join(c for c, _ in _stat_columns(metrics) if i in marks[c])]
+      d = by_variant.get(row["variant"])
+      if found:
+        line += ([d.baseline, repr(d.estimate), repr(d.low), repr(d.high), repr(d.p_value),
+                  len(d.seeds), d.significant] if d else [""] * 7)
       writer.writerow(line)
 
 
@@ -235,7 +431,7 @@ def markdown_table(rows: list[dict[str, Any]], metrics: Sequence[str]) -> str:
 
 
 def write_markdown(path: str, rows: list[dict[str, Any]], metrics: Sequence[str],
-                   description: str = "") -> None:
+                   description: str = "", comparison: str = "") -> None:
   seeds = max((row["seeds_total"] for row in rows), default=0)
   legend = (f"Mean ± sample standard deviation (n−1) over the finished seeds (of {seeds} per "
             "variant); **bold**: the best mean in its column. *final*: at the last step; "
@@ -248,6 +444,8 @@ def write_markdown(path: str, rows: list[dict[str, Any]], metrics: Sequence[str]
     if description:
       f.write(description.strip() + "\n\n")
     f.write(legend + "\n\n" + markdown_table(rows, metrics) + "\n")
+    if comparison:
+      f.write("\n" + comparison.strip() + "\n")
 
 
 # ---------------------------------------------------------------------------- plot
@@ -259,11 +457,14 @@ def labels(variants: Sequence[Variant]) -> list[str]:
 
 
 def plot_curves(path: str, variants: Sequence[Variant], rows: list[dict[str, Any]],
-                metric: str) -> None:
+                metric: str, found: Sequence[Difference] = ()) -> None:
   """Left: `metric` against step per variant (mean line, min-max band over seeds).
-  Right: the final `metric` per variant (bar: mean, whisker: std, dots: seeds).
+  Middle: the final `metric` per variant (bar: mean, whisker: std, dots: seeds).
+  Right, with differences against a baseline: their forest plot (dot: difference, line: 95%
+  interval, filled where it excludes 0).
 
-  Writes a PNG of exactly FIGURE_SIZE_INCHES * FIGURE_DPI pixels.
+  Writes a PNG of exactly FIGURE_SIZE_INCHES * FIGURE_DPI pixels, FOREST_FIGURE_SIZE_INCHES
+  with the forest plot.
   """
   import matplotlib
   matplotlib.use("Agg")
@@ -272,8 +473,14 @@ def plot_curves(path: str, variants: Sequence[Variant], rows: list[dict[str, Any
 
   names = labels(variants)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  fig, (ax_curve, ax_bar) = plt.subplots(
-      1, 2, figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI, gridspec_kw={"width_ratios": [3, 2]})
+  if found:
+    fig, (ax_curve, ax_bar, ax_forest) = plt.subplots(
+        1, 3, figsize=FOREST_FIGURE_SIZE_INCHES, dpi=FIGURE_DPI,
+        gridspec_kw={"width_ratios": [3, 2, 2]})
+    plot_forest(ax_forest, found, dict(zip((v.name for v in variants), names)))
+  else:
+    fig, (ax_curve, ax_bar) = plt.subplots(
+        1, 2, figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI, gridspec_kw={"width_ratios": [3, 2]})
   seeds = max((row["seeds_total"] for row in rows), default=0)
   for i, (label, row) in enumerate(zip(names, rows)):
     runs = row["runs"]
@@ -315,13 +522,35 @@ def plot_curves(path: str, variants: Sequence[Variant], rows: list[dict[str, Any
   plt.close(fig)
 
 
+def plot_forest(ax, found: Sequence[Difference], labels_of: dict[str, str]) -> None:
+  """One row per comparison: the difference (dot) and its 95% interval (line); a filled dot
+  where the interval excludes 0."""
+  import matplotlib.ticker
+  for i, d in enumerate(found):
+    ax.plot([d.low, d.high], [i, i], color="k", linewidth=1.5)
+    ax.plot([d.estimate], [i], "o", color="k", markersize=7,
+            markerfacecolor="k" if d.significant else "white")
+  ax.axvline(0.0, color="tab:red", linewidth=1, linestyle="--")
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
+  ax.set_yticks(range(len(found)), [f"{labels_of[d.variant]}\nvs {labels_of[d.baseline]}\n"
+                                    f"p={d.p_value:.3g}" for d in found], fontsize=7)
+  ax.set_ylim(len(found) - 0.5, -0.5)
+  ax.set_xlabel(f"difference in final {found[0].metric}" if found else "difference")
+  ax.set_title("vs baseline: 95% interval (paired bootstrap\nover images, by seed); "
+               "filled: excludes 0", fontsize=9)
+  ax.grid(alpha=0.3, axis="x")
+
+
 # ---------------------------------------------------------------------------- all of it
 
 def write_report(sweep_dir: str, variants: Sequence[Variant], metrics: Sequence[str],
-                 description: str = "") -> dict[str, str]:
+                 description: str = "", baseline: tuple[str, Any] | None = None
+                 ) -> dict[str, str]:
   """Writes results.md, results.csv and (once some run finished) curves.png into `sweep_dir`.
 
-  `metrics[0]` is the one plotted. Returns {kind: path} of the files written.
+  `metrics[0]` is the one plotted and, with `baseline` (axis key, value), the one compared:
+  each other variant against it (`differences`), in a table, columns of results.csv and a
+  forest plot. Returns {kind: path} of the files written.
   """
   rows = summarize(variants, metrics)
   runs = [run for row in rows for run in row["runs"]]
@@ -333,9 +562,17 @@ def write_report(sweep_dir: str, variants: Sequence[Variant], metrics: Sequence[
                         f"eval metrics there: {', '.join(written)}")
   paths = {"markdown": os.path.join(sweep_dir, "results.md"),
            "csv": os.path.join(sweep_dir, "results.csv")}
-  write_markdown(paths["markdown"], rows, metrics, description)
-  write_csv(paths["csv"], rows, metrics)
+  found, comparison = [], ""
+  if baseline is not None and runs:
+    key, value = baseline
+    found, notes = differences(variants, metrics[0], key, value)
+    labels_of = dict(zip((v.name for v in variants), labels(variants)))
+    comparison = (f"## Against the baseline {key}={value}\n\n{BOOTSTRAP_METHOD}\n\n" +
+                  (differences_table(found, labels_of) if found else "No pair to compare.") +
+                  "".join(f"\n\n- {note}" for note in notes))
+  write_markdown(paths["markdown"], rows, metrics, description, comparison)
+  write_csv(paths["csv"], rows, metrics, found)
   if any(row["runs"] for row in rows):
     paths["plot"] = os.path.join(sweep_dir, "curves.png")
-    plot_curves(paths["plot"], variants, rows, metrics[0])
+    plot_curves(paths["plot"], variants, rows, metrics[0], found)
   return paths

@@ -51,17 +51,22 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  # Exponential moving average of params (optimizer.ema_decay > 0), else {}.
+  ema_params: Any = flax.struct.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- optimiser
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning rate as a function of the optimiser update count (with gradient accumulation,
+  one update per optimizer.accumulate_steps train steps)."""
   o = config.optimizer
   peak, warmup = o.learning_rate, o.warmup_steps
   end = peak * o.end_learning_rate_factor
-  decay_steps = max(config.num_train_steps - warmup, 1)
+  total = config_lib.num_optimizer_updates(config)
+  decay_steps = max(total - warmup, 1)
   if o.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, config.num_train_steps, end)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end)
   if o.schedule == "polynomial":
     after = optax.polynomial_schedule(peak, end, o.power, decay_steps)
   elif o.schedule == "constant":
@@ -94,7 +99,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     core = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=_decay_mask), base)
   if o.grad_clip_norm:
     core = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), core)
+  if o.accumulate_steps > 1:
+    # Mean of k steps' gradients -> one update of `core` (clipping sees the mean); the
+    # accumulator lives in the optimiser state, so checkpoints resume mid-accumulation.
+    core = optax.MultiSteps(core, every_k_schedule=o.accumulate_steps).gradient_transformation()
   if config.on_nonfinite == "skip":
+    # Outside the accumulation: a non-finite micro-batch is dropped alone, not the k-batch.
     # Non-finite gradients -> zero update, inner state (moments, schedule count) kept.
     # The limit on consecutive skips is enforced on the host, with a message.
     core = optax.apply_if_finite(core, max_consecutive_errors=np.iinfo(np.int32).max)
@@ -130,7 +140,8 @@ def create_train_state(config, model: nn.Module, tx: optax.GradientTransformatio
     variables = model.init(key, jnp.zeros((1, size, size, channels), jnp.float32), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      ema_params=params if config.optimizer.ema_decay else {})
 
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(models.init_key(config.seed))
 
@@ -146,6 +157,28 @@ def model_variables(state: TrainState) -> dict:
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
   return variables
+
+
+def inference_variables(state: TrainState) -> dict:
+  """The variables evaluation, predict and export use: the EMA of the weights when the run
+  keeps one (optimizer.ema_decay > 0), else the weights.
+
+  Batch-norm statistics are the trained model's running averages in both cases: they are
+  already moving averages (over batches of the raw weights' activations), the convention of
+  big_vision and of timm's EMA with buffers copied.
+  """
+  variables = model_variables(state)
+  if state.ema_params:
+    variables["params"] = state.ema_params
+  return variables
+
+
+def _update_ema(state: TrainState, params, opt_state, decay: float):
+  """The EMA after this step: moved towards `params` only if the optimiser applied an update
+  (its schedule count advanced), so accumulation steps and skipped steps leave it unchanged."""
+  applied = schedule_count(opt_state) > schedule_count(state.opt_state)
+  moved = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
+  return jax.tree.map(lambda new, old: jnp.where(applied, new, old), moved, state.ema_params)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -185,22 +218,28 @@ def _train_step(state, batch, *, model, tx, schedule, config):
     step_metrics["skipped"] = 1 - opt_state.last_finite.astype(jnp.int32)
     step_metrics["consecutive_skips"] = opt_state.notfinite_count
     step_metrics["total_skips"] = opt_state.total_notfinite
+  ema_params = (_update_ema(state, params, opt_state, config.optimizer.ema_decay)
+                if config.optimizer.ema_decay else state.ema_params)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, ema_params=ema_params)
   step_metrics.update(parts)
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
+def eval_step(variables: dict, batch: dict, *, model: nn.Module,
               config: ml_collections.ConfigDict):
   """The task's eval outputs of one global batch (a confusion matrix and class ids, or
-  detections), at `config.matmul_precision` and on `config.conv_backend`; padding examples
+  detections) for the model `variables` (`inference_variables`, or `model_variables` for the
+  raw weights), at `config.matmul_precision` and on `config.conv_backend`; padding examples
   (valid=False) never count."""
   with jax.default_matmul_precision(config.matmul_precision), conv_ops.backend(config.conv_backend):
-    return tasks.get_task(config).eval_outputs(model, model_variables(state), batch)
+    return tasks.get_task(config).eval_outputs(model, variables, batch)
 
 
 # ---------------------------------------------------------------------------- host helpers
+
+BEST_CHECKPOINT_DIR = "checkpoints_best"
+
 
 class Trainer:
   """Everything a run needs, built once from the config: model, mesh, jitted steps, data, checkpoints.
@@ -243,6 +282,16 @@ class Trainer:
     self.checkpoints = ocp.CheckpointManager(
         os.path.join(os.path.abspath(workdir), "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+    # The best evaluation's checkpoint: a second manager, as best_fn in the first one would
+    # make keep_checkpoints keep the best instead of the newest.
+    self.best_checkpoints = None
+    metric = config.checkpoint.best_metric
+    if metric:
+      self.best_checkpoints = ocp.CheckpointManager(
+          os.path.join(os.path.abspath(workdir), BEST_CHECKPOINT_DIR),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, best_fn=lambda metrics: metrics[metric],
+              best_mode=config.checkpoint.best_mode, create=True))
 
   def initial_state(self) -> TrainState:
     """The newest readable checkpoint's state if there is one, else fresh parameters.
@@ -261,13 +310,10 @@ class Trainer:
       if self.config.model.init_from:
         state = self._init_from(state, self.config.model.init_from)
       return state
-    replicated = parallel.replicated(self.mesh)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            jax.eval_shape(create))
     failures = []
     for step in steps:
       try:
-        state = self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+        state = self._restore(self.checkpoints, step)
       except Exception as e:  # orbax/tensorstore raise many types for unreadable data
         message = " ".join(str(e).split())[:300]
         logging.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying an "
@@ -291,33 +337,82 @@ class Trainer:
         f.write(report.summary(max_listed=10**9) + "\n")
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
-  def latest_checkpoint_state(self) -> TrainState:
-    """The newest checkpoint's state, for eval and predict; FileNotFoundError if there is none."""
-    if self.checkpoints.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint in {self.checkpoints.directory}; train first")
-    return self.initial_state()
-
-  def checkpoint_state(self, step: int) -> TrainState:
-    """The state saved at `step` (export.step); FileNotFoundError naming the saved steps if none."""
-    steps = sorted(self.checkpoints.all_steps())
-    if step not in steps:
-      saved = ", ".join(map(str, steps)) or "none; train first"
-      raise FileNotFoundError(f"no checkpoint of step {step} in {self.checkpoints.directory} "
-                              f"(saved steps: {saved})")
+  def _restore(self, manager: ocp.CheckpointManager, step: int) -> TrainState:
     create = lambda: create_train_state(self.config, self.model, self.tx, self.mesh,
                                         channels=self.channels)
     replicated = parallel.replicated(self.mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                             jax.eval_shape(create))
-    return self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
-  def evaluate(self, state: TrainState, split: str) -> tuple[dict, dict]:
-    """Dataset-level scores over every example of `split`, and arrays for the visuals."""
+  def latest_checkpoint_state(self) -> TrainState:
+    """The newest checkpoint's state; FileNotFoundError if there is none."""
+    if self.checkpoints.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {self.checkpoints.directory}; train first")
+    return self.initial_state()
+
+  def checkpoint_to_use(self) -> tuple[ocp.CheckpointManager, int]:
+    """The manager and step that config.checkpoint.use names (latest, best or a step), for eval,
+    predict and export; FileNotFoundError naming what is there if it does not exist."""
+    use = str(self.config.checkpoint.use)
+    if use == "best":
+      manager = self.best_checkpoints
+      step = manager.best_step() if manager is not None else None
+      if step is None:
+        raise FileNotFoundError(f"no best checkpoint in {self.workdir}/{BEST_CHECKPOINT_DIR} "
+                                f"(checkpoint.best_metric={self.config.checkpoint.best_metric!r})")
+      return manager, step
+    manager = self.checkpoints
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {manager.directory}; train first")
+    if use == "latest":
+      return manager, steps[-1]
+    if int(use) in steps:
+      return manager, int(use)
+    best = self.best_checkpoints.all_steps() if self.best_checkpoints is not None else []
+    if int(use) in best:
+      return self.best_checkpoints, int(use)
+    raise FileNotFoundError(f"checkpoint.use={use}: no checkpoint at that step in {self.workdir}; "
+                            f"steps there: {', '.join(map(str, sorted({*steps, *best})))}")
+
+  def inference_state(self) -> TrainState:
+    """The state of the checkpoint config.checkpoint.use names (`checkpoint_to_use`); its
+    `inference_variables` are what eval, predict and export run."""
+    manager, step = self.checkpoint_to_use()
+    logging.info("Using the checkpoint at step %d in %s", step, manager.directory)
+    return self._restore(manager, step)
+
+  def close(self) -> None:
+    for manager in (self.checkpoints, self.best_checkpoints):
+      if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+
+  def evaluate(self, variables: dict, split: str) -> tuple[dict, dict]:
+    """Dataset-level scores of the model `variables` over every example of `split`, and arrays
+    for the visuals. The scores' "per_image" entry, where the task has one, holds per-image
+    results (`write_per_image`)."""
     evaluator = self.task.evaluator(self.class_names)
-    for batch in pipeline.eval_batches(self.config, self.builder, split):
+    for batch in pipeline.eval_batches(self.config, self.builder, split, with_ids=True):
+      ids = batch.pop("id")
       device_batch = parallel.host_batch_to_global(batch, self.mesh)
-      evaluator.add(batch, device_batch, self.eval_step(state, device_batch))
+      evaluator.add(batch, device_batch, self.eval_step(variables, device_batch), ids=ids)
     return evaluator.compute(), evaluator.visuals
+
+
+def write_per_image(trainer: Trainer, scores: dict, step: int) -> str | None:
+  """WORKDIR/eval/per_image_step_<step>.csv from the scores' per-image table, if the task has one;
+  with several processes each writes the rows of its own images (..._process_<i>.csv)."""
+  table = scores.get("per_image")
+  if table is None:
+    return None
+  out_dir = os.path.join(trainer.workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  suffix = f"_process_{jax.process_index()}" if jax.process_count() > 1 else ""
+  path = os.path.join(out_dir, f"per_image_step_{step}{suffix}.csv")
+  trainer.task.write_per_image(path, table, trainer.class_names)
+  return path
 
 
 def _write_visuals(trainer: Trainer, writer, visuals: dict, step: int) -> None:
@@ -410,6 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending: list[tuple[int, dict]] = []   # device metrics not yet fetched and checked
       history: list[tuple[int, dict]] = []   # checked host metrics since the last log
       compiled = None
+      evaluated = False  # the first evaluation (of this process) also scores the raw weights
       for step in range(start_step + 1, total_steps + 1):
         batch = parallel.host_batch_to_global(next(train_iter), trainer.mesh)
         if compiled is None:
@@ -426,8 +522,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         is_last = step == total_steps
         is_log = step % config.log_every_steps == 0 or is_last
         is_save = step % config.checkpoint_every_steps == 0 or is_last
+        is_eval = step % config.eval_every_steps == 0 or is_last
         stop = watcher.should_stop(step)
-        if is_log or is_save or stop or step % check_every == 0:
+        # Evaluations may save the best checkpoint: they too come after a finite check.
+        if is_log or is_save or is_eval or stop or step % check_every == 0:
           # Nothing is saved or logged before the steps since the last check are known finite.
           fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
           _check_finite(fetched, trainer)
@@ -450,15 +548,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        means["train/loss"], parts, means["train/learning_rate"])
           history = []
 
-        if step % config.eval_every_steps == 0 or is_last:
+        if is_eval:
           t0 = time.monotonic()
           with progress.timed("eval"):
-            scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
-          final_scalars = trainer.task.scalars(scores, trainer.class_names)
-          writer.write_scalars(step, {**final_scalars, "wall_seconds": time.perf_counter() - started})
-          _write_visuals(trainer, writer, visuals, step)
-          logging.info("eval at step %d (%.1f s): %s\n%s", step, time.monotonic() - t0,
-                       trainer.task.headline(scores), trainer.task.table(scores, trainer.class_names))
+            final_scalars = _evaluate_and_record(trainer, state, step, writer,
+                                                 with_raw=not evaluated, started=started)
+          evaluated = True
           eval_seconds += time.monotonic() - t0
 
         if is_save or stop:
@@ -471,17 +566,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           return {"preempted_at_step": float(step)}
 
       if start_step >= total_steps:
-        scores, visuals = trainer.evaluate(state, config.dataset.eval_split)
+        scores, visuals = trainer.evaluate(inference_variables(state), config.dataset.eval_split)
         final_scalars = trainer.task.scalars(scores, trainer.class_names)
         logging.info("eval at step %d:\n%s", start_step, trainer.task.table(scores, trainer.class_names))
     finally:
       # Also on errors (a non-finite loss, bad data): let a save in flight commit, so
       # the last good checkpoint is complete on disk.
-      trainer.checkpoints.wait_until_finished()
-      trainer.checkpoints.close()
+      trainer.close()
       writer.flush()
       writer.close()
   return final_scalars
+
+
+def _evaluate_and_record(trainer: Trainer, state: TrainState, step: int, writer, *,
+                         with_raw: bool, started: float) -> dict[str, float]:
+  """Evaluates the inference weights at `step`: writes the scalars, pictures and the per-image
+  CSV, offers the state to the best-checkpoint manager; returns the eval scalars.
+
+  With an EMA and `with_raw`, the raw weights are evaluated too and written as eval_raw/*, so
+  that the first evaluation shows what the average gains.
+  """
+  config, t0 = trainer.config, time.monotonic()
+  split = config.dataset.eval_split
+  scores, visuals = trainer.evaluate(inference_variables(state), split)
+  scalars = trainer.task.scalars(scores, trainer.class_names)
+  record = dict(scalars)
+  if with_raw and state.ema_params:
+    raw, _ = trainer.evaluate(model_variables(state), split)
+    record.update({"eval_raw/" + k[len("eval/"):]: v
+                   for k, v in trainer.task.scalars(raw, trainer.class_names).items()})
+    logging.info("eval at step %d, raw weights (without EMA): %s", step, trainer.task.headline(raw))
+  writer.write_scalars(step, {**record, "wall_seconds": time.perf_counter() - started})
+  _write_visuals(trainer, writer, visuals, step)
+  write_per_image(trainer, scores, step)
+  logging.info("eval at step %d (%.1f s)%s: %s\n%s", step, time.monotonic() - t0,
+               " of the EMA weights" if state.ema_params else "", trainer.task.headline(scores),
+               trainer.task.table(scores, trainer.class_names))
+  metric = config.checkpoint.best_metric
+  if trainer.best_checkpoints is not None:
+    if metric not in scalars:
+      raise config_lib.ConfigError(
+          f"config.checkpoint.best_metric={metric!r}: not an eval scalar of this run; it writes "
+          f"{', '.join(k for k in scalars if k.count('/') == 1)}")
+    if math.isfinite(scalars[metric]):
+      trainer.best_checkpoints.save(step, args=ocp.args.StandardSave(state),
+                                    metrics={metric: scalars[metric]})
+    else:
+      logging.warning("%s is %s at step %d: not a candidate for the best checkpoint", metric,
+                      scalars[metric], step)
+  return scalars
 
 
 def _prepare_workdir(workdir: str) -> None:
@@ -497,11 +630,20 @@ def _prepare_workdir(workdir: str) -> None:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """--mode=eval: restores the latest checkpoint and prints the per-class table."""
+  """--mode=eval: restores the checkpoint config.checkpoint.use names (latest, best, a step) and
+  prints the per-class table of its inference weights (the EMA if the run kept one, with the
+  raw weights' headline beside it)."""
   trainer = Trainer(config, workdir)
-  state = trainer.latest_checkpoint_state()
-  scores, _ = trainer.evaluate(state, config.dataset.eval_split)
-  print(f"{config.dataset.name}/{config.dataset.eval_split} at step "
-        f"{int(jax.device_get(state.step))}:\n{trainer.task.table(scores, trainer.class_names)}")
-  trainer.checkpoints.close()
+  try:
+    state = trainer.inference_state()
+    scores, _ = trainer.evaluate(inference_variables(state), config.dataset.eval_split)
+    which = " (EMA weights)" if state.ema_params else ""
+    print(f"{config.dataset.name}/{config.dataset.eval_split} at step "
+          f"{int(jax.device_get(state.step))}{which}:\n"
+          f"{trainer.task.table(scores, trainer.class_names)}")
+    if state.ema_params:
+      raw, _ = trainer.evaluate(model_variables(state), config.dataset.eval_split)
+      print(f"raw weights (without EMA): {trainer.task.headline(raw)}")
+  finally:
+    trainer.close()
   return trainer.task.scalars(scores, trainer.class_names)

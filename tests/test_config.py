@@ -143,12 +143,32 @@ def test_unknown_key_in_a_config_file_is_caught(data_dir):
     ("optimizer.name", "lamb", "must be one of sgd, adam, adamw"),
     ("loss.class_weights", (1.0, 2.0), "must be 6 non-negative numbers"),
     ("matmul_precision", "tf32", "must be one of default, high, highest"),
+    ("optimizer.ema_decay", 1.0, "must be in \\[0, 1\\) \\(0 = off\\)"),
+    ("optimizer.accumulate_steps", 0, "must be a positive integer"),
+    ("optimizer.accumulate_steps", 3, None),  # 1000 steps: reported on num_train_steps
+    ("checkpoint.best_mode", "largest", "must be one of max, min"),
+    ("checkpoint.best_metric", "dice", "must be '' \\(off\\) or an eval scalar"),
+    ("checkpoint.use", "newest", "must be latest, best or a step number"),
+    ("checkpoint.use", "best", "needs checkpoint.best_metric"),
 ])
 def test_bad_values(key, value, message):
   config = config_lib.base_config()
   section, _, name = key.rpartition(".")
   (config[section] if section else config)[name] = value
+  if message is None:
+    key, message = "num_train_steps", f"must be a multiple of optimizer.accumulate_steps={value}"
   with pytest.raises(config_lib.ConfigError, match=f"config.{key}=.*{message}"):
+    config_lib.validate(config)
+
+
+def test_warmup_counts_optimizer_updates_under_accumulation():
+  config = config_lib.base_config()
+  config.num_train_steps, config.optimizer.accumulate_steps = 1000, 4
+  config.optimizer.warmup_steps = 249
+  config_lib.validate(config)  # 250 updates
+  config.optimizer.warmup_steps = 250
+  with pytest.raises(config_lib.ConfigError, match=r"^config.optimizer.warmup_steps=250: must be "
+                     r"< the number of optimiser updates, 250 \(num_train_steps=1000 / "):
     config_lib.validate(config)
 
 

@@ -6,6 +6,7 @@ predict's tile size (256), the model applied to them normalised in numpy
 label PNGs. One export of a tiny trained U-Net is shared by the tests.
 """
 
+import copy
 import json
 import os
 import socket
@@ -195,14 +196,18 @@ def test_detectors_are_refused_in_one_line(data_dir, tmp_path):
 
 def test_export_step_restores_that_checkpoint_or_names_the_saved_steps(exported):
   config, workdir, _, _, variables = exported
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.export.step = 3
   trainer = train.Trainer(config, workdir, with_data=False)
   try:
-    state = trainer.checkpoint_state(3)
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 2 in .* \(saved steps: 3\)$"):
-      trainer.checkpoint_state(2)
+    state = export._export_state(config, trainer)
+    config.export.step = 2
+    with pytest.raises(FileNotFoundError, match=r"checkpoint.use=2: no checkpoint at that step in .*; steps there: 3$"):
+      export._export_state(config, trainer)
   finally:
-    trainer.checkpoints.close()
+    trainer.close()
   assert int(state.step) == 3
-  restored = jax.tree.leaves(jax.device_get(train.model_variables(state)))
+  restored = jax.tree.leaves(jax.device_get(train.inference_variables(state)))
   for a, b in zip(restored, jax.tree.leaves(variables), strict=True):
     np.testing.assert_array_equal(a, b)

@@ -463,7 +463,7 @@ def test_grey_16bit_folder_builds_a_one_channel_model_and_evaluates(tmp_path):
   state = trainer.initial_state()
   in_channels = [k.shape[2] for k in jax.tree.leaves(state.params) if k.ndim == 4]
   assert in_channels.count(1) == 1  # the first conv sees one channel; no other conv has 1
-  scores, visuals = trainer.evaluate(state, "validation")
+  scores, visuals = trainer.evaluate(train.model_variables(state), "validation")
   assert visuals["image"].shape[-1] == 1 and visuals["valid"].sum() == 2
   assert 0 <= scores["pixel_accuracy"] <= 1
   trainer.checkpoints.close()

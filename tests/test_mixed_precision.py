@@ -124,8 +124,9 @@ def test_matmul_precision_reaches_the_train_and_eval_steps(data_dir, tmp_path, p
   config.conv_backend = "xla"  # the precision is XLA's; oneDNN computes float32 on the CPU anyway
   trainer = train.Trainer(config, str(tmp_path))
   state, batch = trainer.initial_state(), _random_batch(trainer)
-  for name, step in (("train", trainer.train_step), ("eval", trainer.eval_step)):
-    convs = re.findall(r"stablehlo\.convolution.*", step.lower(state, batch).as_text())
+  for name, step, first in (("train", trainer.train_step, state),
+                            ("eval", trainer.eval_step, train.model_variables(state))):
+    convs = re.findall(r"stablehlo\.convolution.*", step.lower(first, batch).as_text())
     assert convs, name
     for conv in convs:
       assert set(re.findall(r"stablehlo<precision (\w+)>", conv)) <= {hlo_precision}, (name, conv)

@@ -220,3 +220,21 @@ def test_grad_clipping_by_global_norm(opt):
   c.optimizer.grad_clip_norm = 0.0
   unclipped = _run_optax(c, params, grads)
   assert not np.allclose(got[-1]["conv/kernel"], unclipped[-1]["conv/kernel"], rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------- accumulation
+
+def test_accumulation_with_skip_mode_drops_a_nonfinite_micro_batch_alone():
+  """SGD, accumulate_steps=2, on_nonfinite=skip: the gradients g0, NaN, g1, g2, g3 give two
+  updates, -lr (g0 + g1) / 2 after the third call and -lr (g2 + g3) / 2 after the fifth; the
+  NaN micro-batch neither poisons the mean nor counts as one of the two."""
+  config = _config(name="sgd", momentum=0.0, schedule="constant", learning_rate=0.1,
+                   accumulate_steps=2)
+  config.on_nonfinite = "skip"
+  config_lib.validate(config)
+  params, grads = _params_and_grads(4)
+  nan = {k: np.full_like(v, np.nan) for k, v in grads[0].items()}
+  history = _run_optax(config, params, [grads[0], nan, grads[1], grads[2], grads[3]])
+  first = {k: params[k] - 0.1 * (grads[0][k] + grads[1][k]) / 2 for k in params}
+  second = {k: first[k] - 0.1 * (grads[2][k] + grads[3][k]) / 2 for k in params}
+  _assert_same(history, [params, params, first, first, second])

@@ -459,3 +459,174 @@ def test_report_flag_rewrites_the_table_of_a_hand_made_sweep(tmp_path):
   _write_hand_run(sweep_dir / "loss.name=ce+dice,optimizer.learning_rate=0.003" / "seed=1", *late)
   now = {**HAND_RUNS, "loss.name=ce+dice,optimizer.learning_rate=0.003": {1: late}}
   assert report_table() == _expected_table(now)
+
+
+# ---------------------------------------------------------------------------- against a baseline
+
+COUNT_KINDS = ("intersection", "truth", "predicted")
+
+
+def _counts_from_confusions(confusions):
+  """Per-image counts [N, K] from per-image confusion matrices [N, K, K] (rows = truth)."""
+  return {"intersection": np.einsum("nkk->nk", confusions), "truth": confusions.sum(2),
+          "predicted": confusions.sum(1)}
+
+
+def _random_confusions(rng, images, classes, skew=0.0):
+  """[N, K, K] pixel counts; class K-1 never occurs (its scores are NaN and left out)."""
+  confusions = rng.integers(0, 30, (images, classes, classes))
+  confusions[:, np.arange(classes), np.arange(classes)] += int(200 * (1 + skew))
+  confusions[:, -1, :] = 0
+  confusions[:, :, -1] = 0
+  return confusions
+
+
+def test_metrics_recomputed_from_counts_equal_the_confusion_matrix_scores():
+  from seg_jax import metrics
+  rng = np.random.default_rng(0)
+  confusions = _random_confusions(rng, 7, 4)
+  counts = _counts_from_confusions(confusions)
+  scores = metrics.scores_from_confusion(confusions.sum(0))
+  classes = ["bg", "a", "b", "never"]
+  summed = [counts[k].sum(0) for k in COUNT_KINDS]
+  for metric, want in (("eval/dice", scores["mean_dice"]), ("eval/miou", scores["mean_jaccard"]),
+                       ("eval/jaccard", scores["mean_jaccard"]),
+                       ("eval/pixel_accuracy", scores["pixel_accuracy"]),
+                       ("eval/dice_foreground", scores["mean_dice_foreground"]),
+                       ("eval/miou_foreground", scores["mean_jaccard_foreground"]),
+                       ("eval/dice/a", scores["dice"][1]), ("eval/iou/b", scores["jaccard"][2])):
+    assert sweep_report.metric_from_counts(metric, classes, *summed) == pytest.approx(want,
+                                                                                       rel=1e-12)
+  with pytest.raises(sweep_report.ReportError, match="eval/box_AP cannot be recomputed"):
+    sweep_report.metric_from_counts("eval/box_AP", classes, *summed)
+
+
+def _pixel_accuracy_run(correct, pixels=100):
+  """Per-image counts of a 2-class run in which image i has correct[i] of `pixels` right."""
+  correct = np.asarray(correct)
+  truth = np.stack([np.full_like(correct, pixels), np.zeros_like(correct)], 1)
+  return {"id": [f"img{i}" for i in range(len(correct))], "classes": ["bg", "fg"],
+          "intersection": np.stack([correct, np.zeros_like(correct)], 1), "truth": truth,
+          "predicted": np.stack([correct, pixels - correct], 1)}
+
+
+def test_paired_bootstrap_on_a_hand_computed_case():
+  """Pixel accuracy, two images of 100 pixels. Seed 0: baseline 50 and 50 right, variant 60 and
+  80: the redrawn pairs {1,1}, {1,2}, {2,2} (chances 1/4, 1/2, 1/4) differ by 0.10, 0.20, 0.30.
+  Seed 1: the same in both runs (difference 0). Stratified by seed and averaged, the draws are
+  0.05, 0.10, 0.15 with chances 1/4, 1/2, 1/4: interval [0.05, 0.15], estimate 0.10, and no draw
+  <= 0, so p = 2 / (R + 1)."""
+  baseline = [_pixel_accuracy_run([50, 50]), _pixel_accuracy_run([70, 30])]
+  variant = [_pixel_accuracy_run([60, 80]), _pixel_accuracy_run([70, 30])]
+  estimate, low, high, p, draws = sweep_report.paired_bootstrap("eval/pixel_accuracy", baseline,
+                                                               variant, resamples=4000)
+  assert estimate == pytest.approx(0.10)
+  assert (low, high) == (pytest.approx(0.05), pytest.approx(0.15))
+  assert p == pytest.approx(2 / 4001)
+  shares = [np.mean(np.isclose(draws, v)) for v in (0.05, 0.10, 0.15)]
+  assert shares == pytest.approx([0.25, 0.5, 0.25], abs=0.03)
+  # No difference at all: every draw is 0, the interval [0, 0], p = 1, not significant.
+  estimate, low, high, p, _ = sweep_report.paired_bootstrap("eval/pixel_accuracy", baseline,
+                                                            baseline, resamples=500)
+  assert (estimate, low, high, p) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_paired_bootstrap_agrees_with_scipy_bootstrap():
+  """One seed, mean Dice over classes (a ratio of sums, no closed form): the interval of
+  scipy.stats.bootstrap (paired by resampling image indices, percentile method) within Monte
+  Carlo error of ours."""
+  from scipy import stats
+  rng = np.random.default_rng(1)
+  a = _counts_from_confusions(_random_confusions(rng, 30, 3))
+  b = _counts_from_confusions(_random_confusions(rng, 30, 3, skew=0.1))
+  run = lambda counts: {"id": [str(i) for i in range(30)], "classes": ["x", "y", "z"], **counts}
+  estimate, low, high, _, _ = sweep_report.paired_bootstrap("eval/dice", [run(a)], [run(b)])
+
+  def dice(counts, rows):  # rows [..., images] -> [...]
+    i, t, p = (counts[k][rows].sum(-2).astype(float) for k in COUNT_KINDS)
+    with np.errstate(invalid="ignore"):
+      return np.nanmean(2 * i / (t + p), axis=-1)
+
+  statistic = lambda rows, axis=-1: dice(b, rows) - dice(a, rows)
+  result = stats.bootstrap((np.arange(30),), statistic, vectorized=True, method="percentile",
+                           n_resamples=10000, confidence_level=0.95, random_state=3)
+  assert estimate == pytest.approx(statistic(np.arange(30)), rel=1e-12)
+  width = high - low
+  assert width > 0
+  assert result.confidence_interval.low == pytest.approx(low, abs=0.1 * width)
+  assert result.confidence_interval.high == pytest.approx(high, abs=0.1 * width)
+
+
+def test_paired_bootstrap_interval_is_close_to_the_paired_t_interval():
+  """Equal pixel counts per image make pixel accuracy the mean of per-image accuracies, so the
+  classical paired t-test applies: same centre, width within the bootstrap's known shrinkage
+  (sqrt((n-1)/n) and z vs t quantiles), the same verdict."""
+  from scipy import stats
+  rng = np.random.default_rng(2)
+  a = rng.integers(60, 90, 40)
+  b = np.clip(a + rng.integers(-6, 12, 40), 0, 100)
+  estimate, low, high, p, _ = sweep_report.paired_bootstrap(
+      "eval/pixel_accuracy", [_pixel_accuracy_run(a)], [_pixel_accuracy_run(b)])
+  t = stats.ttest_rel(b / 100, a / 100)
+  interval = t.confidence_interval(0.95)
+  assert estimate == pytest.approx(np.mean(b - a) / 100, rel=1e-12)
+  assert (low + high) / 2 == pytest.approx((interval.low + interval.high) / 2,
+                                           abs=0.1 * (interval.high - interval.low))
+  assert 0.85 < (high - low) / (interval.high - interval.low) < 1.05
+  assert (p < 0.05) == (t.pvalue < 0.05) and (low > 0) == (interval.low > 0)
+
+
+def _write_per_image(workdir, step, counts, classes):
+  """WORKDIR/eval/per_image_step_<step>.csv in the layout seg_jax/tasks/semantic.py writes."""
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  with open(os.path.join(workdir, "eval", f"per_image_step_{step}.csv"), "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["image_id", "pixels", "mean_dice", "mean_iou",
+                     *(f"{k}/{c}" for c in classes for k in COUNT_KINDS)])
+    for n in range(len(counts["truth"])):
+      writer.writerow([f"val_{n}", 0, "", "", *(counts[k][n, c] for c in range(len(classes))
+                                                for k in COUNT_KINDS)])
+
+
+def test_report_against_a_baseline_writes_the_differences_and_a_forest_plot(tmp_path):
+  """Two loss variants x two seeds with per-image results: results.md and results.csv give the
+  variant's difference (the mean over seeds of the eval/dice difference, computed here with
+  numpy), an interval around it, the mark where it excludes 0; curves.png gains a panel."""
+  sweep_dir = str(tmp_path)
+  axes = {"loss.name": ["ce", "ce+dice"]}
+  sweep.write_spec(sweep_dir, {"axes": axes, "seeds": [0, 1], "metrics": ["eval/dice"],
+                               "baseline": "loss.name=ce"})
+  rng = np.random.default_rng(4)
+  classes = ["bg", "a", "b"]
+  finals = {}
+  for run in sweep.plan(axes, [0, 1], sweep_dir):
+    counts = _counts_from_confusions(_random_confusions(
+        rng, 20, 3, skew=0.5 * (run.overrides["loss.name"] == "ce+dice")))
+    i, t, p = (counts[k].sum(0).astype(float) for k in COUNT_KINDS)
+    with np.errstate(invalid="ignore"):
+      finals[run.variant, run.seed] = np.nanmean(np.where(t + p > 0, 2 * i / (t + p), np.nan))
+    _write_hand_run(run.workdir, {10: 0.1, 20: finals[run.variant, run.seed]}, {10: 1, 20: 1}, 9)
+    _write_per_image(run.workdir, 20, counts, classes)
+  paths = sweep.report(sweep_dir)
+  want = np.mean([finals["loss.name=ce+dice", s] - finals["loss.name=ce", s] for s in (0, 1)])
+  with open(paths["csv"]) as f:
+    rows = {row["variant"]: row for row in csv.DictReader(f)}
+  row = rows["loss.name=ce+dice"]
+  assert row["baseline"] == "loss.name=ce" and row["paired seeds"] == "2"
+  assert float(row["difference"]) == pytest.approx(want, rel=1e-9)
+  low, high = float(row["difference low"]), float(row["difference high"])
+  assert low < want < high and 0 < float(row["p value"]) <= 1
+  assert row["significant"] == str(low > 0 or high < 0)
+  assert rows["loss.name=ce"]["difference"] == ""
+  markdown = open(paths["markdown"]).read()
+  assert "paired bootstrap over eval images stratified by seed" in markdown
+  line = next(l for l in markdown.splitlines() if l.startswith("| loss.name=ce+dice | "))
+  assert f"{want:+.4f}" in line and f"[{low:+.4f}, {high:+.4f}]" in line
+  assert line.rstrip(" |").endswith("✱") == (low > 0 or high < 0)
+  with Image.open(paths["plot"]) as image:
+    assert image.size == (1700, 450)
+  with pytest.raises(sweep.SweepError, match=r"--baseline=loss.name=dice: dice is not a value "
+                     r"of loss.name \(ce, ce\+dice\)"):
+    sweep.report(sweep_dir, baseline="loss.name=dice")
+  with pytest.raises(sweep.SweepError, match="model.norm is not an axis of this sweep"):
+    sweep.report(sweep_dir, baseline="model.norm=batch")

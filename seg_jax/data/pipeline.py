@@ -193,12 +193,15 @@ def _check_instances(batch: dict[str, np.ndarray], max_instances: int) -> None:
                     f"than dataset.max_instances={max_instances}; raise it")
 
 
-def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict) -> Iterator[dict]:
+def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict, *,
+                  with_ids: bool = False) -> Iterator[dict]:
   for batch in tfds.as_numpy(ds.with_options(_input_options())):
     _check_labels(batch, config.dataset.num_classes, config.dataset.ignore_label)
     if "num_instances" in batch:
       _check_instances(batch, config.dataset.max_instances)
-    batch.pop("id")
+    ids = batch.pop("id")
+    if with_ids:
+      batch["id"] = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids])
     yield batch
 
 
@@ -244,8 +247,11 @@ def num_eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.Datas
 
 
 def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
-                 split: str) -> Iterator[dict[str, np.ndarray]]:
+                 split: str, *, with_ids: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Every example of this host's shard of `split` exactly once, last batch padded.
+
+  `with_ids`: batches also hold `id`, the examples' ids as a numpy str array ("padding" for
+  padding); host-side only, pop it before `parallel.host_batch_to_global`.
 
   All hosts yield the same number of batches (`num_eval_batches`), as the
   jitted eval step needs every host to take part in every step.
@@ -276,4 +282,4 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   padding = tf.data.Dataset.from_tensors(padding).repeat()
   ds = ds.concatenate(padding).take(num_batches * host_batch)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _host_batches(ds, config)
+  return _host_batches(ds, config, with_ids=with_ids)

@@ -121,7 +121,8 @@ class InstanceEvaluator:
     self.num_visuals = num_visuals
     self.visuals = None
 
-  def add(self, host_batch: dict, device_batch: dict, outputs: dict) -> None:
+  def add(self, host_batch: dict, device_batch: dict, outputs: dict, *, ids=None) -> None:
+    """`ids` unused: per-image AP is not computed (pycocotools scores the split)."""
     want_visuals = self.visuals is None and self.num_visuals
     # Images only for the pictures: the COCO scores need none.
     truth = gather({k: device_batch[k] for k in GT_KEYS + (("image",) if want_visuals else ())})

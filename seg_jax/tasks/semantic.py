@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,6 +31,61 @@ def local_rows(array: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
 
 
+PER_IMAGE_COUNTS = ("intersection", "truth", "predicted")
+
+
+def per_image_counts(predictions, labels, *, num_classes: int, ignore_label: int, valid):
+  """Per image and class, int32 [B, K]: `intersection` (pixels of the class in truth and
+  prediction), `truth` and `predicted` pixel counts; ignored pixels and padding (valid=False)
+  count nowhere. Summed over images: the diagonal, row sums and column sums of the split's
+  confusion matrix."""
+  batch = labels.shape[0]
+  counted = (labels != ignore_label) & valid[:, None, None]
+  image = jnp.arange(batch)[:, None, None]
+
+  def count(classes, where):
+    cells = jnp.where(where, image * num_classes + jnp.clip(classes, 0, num_classes - 1), 0)
+    return jnp.bincount(cells.reshape(-1), where.reshape(-1).astype(jnp.int32),
+                        length=batch * num_classes).reshape(batch, num_classes)
+
+  return {"intersection": count(labels, counted & (labels == predictions)),
+          "truth": count(labels, counted), "predicted": count(predictions, counted)}
+
+
+def per_image_scores(table: dict) -> dict[str, np.ndarray]:
+  """Per-image `dice` and `iou` [N, K] (NaN where a class is in neither truth nor prediction)
+  and their means over classes present, `mean_dice` and `mean_iou` [N], from the counts."""
+  inter, truth, pred = (np.asarray(table[k], np.float64) for k in PER_IMAGE_COUNTS)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    dice = np.where(truth + pred > 0, 2 * inter / (truth + pred), np.nan)
+    iou = np.where(truth + pred - inter > 0, inter / (truth + pred - inter), np.nan)
+  present = ~np.isnan(dice)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    mean = lambda x: np.where(present.any(1), np.nansum(x, 1) / present.sum(1), np.nan)
+    return {"dice": dice, "iou": iou, "mean_dice": mean(dice), "mean_iou": mean(iou)}
+
+
+def write_per_image_csv(path: str, table: dict, class_names: list[str]) -> None:
+  """One row per image: id, counted pixels, mean Dice/IoU over the classes present, then per
+  class Dice, IoU and the three pixel counts (empty where undefined)."""
+  scores = per_image_scores(table)
+  header = ["image_id", "pixels", "mean_dice", "mean_iou"]
+  for name in class_names:
+    header += [f"dice/{name}", f"iou/{name}", *(f"{k}/{name}" for k in PER_IMAGE_COUNTS)]
+  text = lambda v: "" if np.isnan(v) else repr(float(v))
+  with open(path + ".partial", "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for i, image_id in enumerate(table["id"]):
+      row = [image_id, int(table["truth"][i].sum()), text(scores["mean_dice"][i]),
+             text(scores["mean_iou"][i])]
+      for c in range(len(class_names)):
+        row += [text(scores["dice"][i, c]), text(scores["iou"][i, c]),
+                *(int(table[k][i, c]) for k in PER_IMAGE_COUNTS)]
+      writer.writerow(row)
+  os.replace(path + ".partial", path)
+
+
 class SemanticTask:
   """Loss, eval outputs, scores and pictures of the per-pixel models."""
 
@@ -50,22 +108,28 @@ class SemanticTask:
     return total, {f"loss_{k}": v for k, v in parts.items()}, updates.get("batch_stats", {})
 
   def eval_outputs(self, model, variables, batch):
-    """The batch's confusion matrix (padding excluded) and its predicted class ids."""
+    """The batch's confusion matrix (padding excluded), its predicted class ids and its
+    per-image pixel counts (`per_image_counts`)."""
     logits = model.apply(variables, batch["image"], train=False)
     predictions = predict_classes(logits)
-    matrix = metrics.confusion_matrix(predictions, batch["mask"],
-                                      num_classes=self.config.dataset.num_classes,
-                                      ignore_label=self.config.dataset.ignore_label,
-                                      valid=batch["valid"])
-    return metrics.ConfusionMatrix(matrix=matrix), predictions
+    d = self.config.dataset
+    matrix = metrics.confusion_matrix(predictions, batch["mask"], num_classes=d.num_classes,
+                                      ignore_label=d.ignore_label, valid=batch["valid"])
+    counts = per_image_counts(predictions, batch["mask"], num_classes=d.num_classes,
+                              ignore_label=d.ignore_label, valid=batch["valid"])
+    return metrics.ConfusionMatrix(matrix=matrix), predictions, counts
 
   def eval_out_shardings(self, mesh):
-    return parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    data = parallel.batch_sharding(mesh)
+    return parallel.replicated(mesh), data, {key: data for key in PER_IMAGE_COUNTS}
 
   # -------------------------------------------------------------- host
 
   def evaluator(self, class_names: list[str]) -> "SemanticEvaluator":
     return SemanticEvaluator(self.config.num_eval_visuals)
+
+  def write_per_image(self, path: str, table: dict, class_names: list[str]) -> None:
+    write_per_image_csv(path, table, class_names)
 
   def scalars(self, scores: dict, class_names: list[str]) -> dict[str, float]:
     """Flat scalar dict for the writers: means and per-class values."""
@@ -101,16 +165,23 @@ class SemanticTask:
 
 
 class SemanticEvaluator:
-  """Sums confusion matrices over a split; keeps the first examples for the pictures."""
+  """Sums confusion matrices over a split, keeps this process's per-image counts and the first
+  examples for the pictures."""
 
   def __init__(self, num_visuals: int):
     self.num_visuals = num_visuals
     self.total = None
     self.visuals = None
+    self.per_image = {"id": [], **{k: [] for k in PER_IMAGE_COUNTS}}
 
-  def add(self, host_batch: dict, device_batch: dict, outputs) -> None:
-    matrix, predictions = outputs
+  def add(self, host_batch: dict, device_batch: dict, outputs, *, ids=None) -> None:
+    matrix, predictions, counts = outputs
     self.total = matrix if self.total is None else self.total.merge(matrix)
+    if ids is not None:
+      real = np.asarray(host_batch["valid"], bool)
+      self.per_image["id"] += list(np.asarray(ids)[real])
+      for key in PER_IMAGE_COUNTS:
+        self.per_image[key].append(local_rows(counts[key])[real])
     if self.visuals is None and self.num_visuals:
       n = self.num_visuals
       self.visuals = {"image": host_batch["image"][:n], "mask": host_batch["mask"][:n],
@@ -118,4 +189,10 @@ class SemanticEvaluator:
                       "prediction": local_rows(predictions)[:n]}
 
   def compute(self) -> dict:
-    return self.total.compute()
+    """Scores of the summed confusion matrix (`metrics.scores_from_confusion`); with ids given
+    to `add`, also "per_image": {"id": [N], "intersection"/"truth"/"predicted": int64 [N, K]}."""
+    scores = self.total.compute()
+    if self.per_image["id"]:
+      scores["per_image"] = {"id": list(self.per_image["id"]), **{
+          k: np.concatenate(self.per_image[k]).astype(np.int64) for k in PER_IMAGE_COUNTS}}
+    return scores
