@@ -289,6 +289,10 @@ def test_backbone_multiplier_and_frozen_steps_match_formula():
     np.testing.assert_array_equal(got[step]["backbone/conv/kernel"],
                                   params["backbone/conv/kernel"].astype(np.float32))
   assert not np.array_equal(got[FROZEN]["backbone/conv/kernel"], got[FROZEN - 1]["backbone/conv/kernel"])
+  groups = train.describe_parameter_groups(c, _nested(params)).splitlines()
+  assert groups[1].startswith("  backbone (params/backbone): 76 parameters (2 arrays): 0.1 x")
+  assert "(peak 0.0001); unchanged for the first 3 steps" in groups[1]
+  assert groups[2] == "  head (the rest): 15 parameters (2 arrays): warmup_cosine schedule, peak 0.001"
 
 
 def test_backbone_keys_need_a_backbone():
@@ -299,6 +303,9 @@ def test_backbone_keys_need_a_backbone():
   c.model.backbone = "resnet18"
   config_lib.validate(c)
   assert train.backbone_path(c) == "encoder"
+  c.model.update(norm="group", frozen_backbone_norm=True)  # FrozenBN needs batch norms
+  with pytest.raises(config_lib.ConfigError, match="frozen_backbone_norm=True.*'group'"):
+    config_lib.validate(c)
 
 
 def test_train_step_leaves_a_frozen_backbone_bit_identical_then_trains_it():

@@ -218,10 +218,11 @@ def check_backbone(model_config, *, widths: dict[str, int] | None = None) -> Non
   if m.stem in ("small", "small_stride2"):
     own["model.width / 2 (the small stem's first conv)"] = m.width // 2
   layers.check_norm(m, {**own, **(widths or {})})
-  if not isinstance(m.frozen_backbone_norm, bool):
-    registry.fail("model.frozen_backbone_norm", m.frozen_backbone_norm, "must be True or False")
-  if m.frozen_backbone_norm and m.norm != "batch":
-    registry.fail("model.frozen_backbone_norm", m.frozen_backbone_norm,
+  frozen = m.get("frozen_backbone_norm", False)
+  if not isinstance(frozen, bool):
+    registry.fail("model.frozen_backbone_norm", frozen, "must be True or False")
+  if frozen and m.norm != "batch":
+    registry.fail("model.frozen_backbone_norm", frozen,
                   f"freezes the backbone's batch norms; model.norm is {m.norm!r}")
 
 
