@@ -16,9 +16,9 @@ from typing import Any
 from absl import logging
 import flax
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 import ml_collections
 import numpy as np
 import optax

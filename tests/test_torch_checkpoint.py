@@ -158,3 +158,24 @@ def test_unrecognised_layouts_and_hugging_face_directories(tmp_path):
   np.testing.assert_array_equal(tensors["a.weight"], np.arange(6).reshape(2, 3))
   with pytest.raises(torch_checkpoint.CheckpointError, match="without model.safetensors"):
     torch_checkpoint.read_checkpoint(str(tmp_path))
+
+
+def test_shared_strided_and_typed_storages_read_as_torch_reads_them():
+  """torch.save's storages at offsets with strides, shared between tensors, in several dtypes,
+  against the values torch gave (fixture written by torch)."""
+  import ml_dtypes
+  tensors = torch_checkpoint.read_tensors(os.path.join(FIXTURES, "torch_storage_cases.pth"))
+  expected = np.load(os.path.join(FIXTURES, "torch_storage_cases.npz"))
+  assert sorted(tensors) == sorted(expected.files)
+  for name in expected.files:
+    want = expected[name]
+    got = tensors[name]
+    assert got.shape == want.shape, name
+    if name == "bfloat16":
+      assert got.dtype == ml_dtypes.bfloat16
+      got = got.astype(np.float32)
+    else:
+      assert got.dtype == want.dtype, name
+    np.testing.assert_array_equal(got, want, err_msg=name)
+  tensors["tied"][0, 0] = -1.0  # each tensor is its own copy, not a view of a shared buffer
+  assert tensors["transposed"][0, 0] != -1.0
