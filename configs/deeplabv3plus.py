@@ -21,6 +21,13 @@ with `:large,dataset=folder`:
 
   python main.py --config=configs/deeplabv3plus.py:large,dataset=folder --workdir=runs/deeplab_r50 \\
       --config.dataset.root=DIR --config.dataset.num_classes=K
+
+It takes ImageNet-normalised inputs, as the paper starts from ImageNet weights. To do so,
+download torchvision's ResNet-50 once (no run downloads anything):
+  https://download.pytorch.org/models/resnet50-0676ba61.pth    (IMAGENET1K_V1, 98 MB)
+and add  --config.model.init_from=PATH/resnet50-0676ba61.pth  to the command above; the log and
+WORKDIR/init_from.txt list the 265 backbone arrays loaded (README: "Starting from pretrained
+weights"). With small batches add --config.model.frozen_backbone_norm=True.
 """
 
 import ml_collections
@@ -64,6 +71,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.aspp_rates = (6, 12, 18)
     config.model.aspp_features = 256
     config.model.decoder_features = 256
+    config.model.input_normalization = "imagenet"  # what ImageNet weights (model.init_from) expect
     config.optimizer.name = "sgd"
     config.optimizer.learning_rate = 0.01
     config.optimizer.momentum = 0.9

@@ -10,6 +10,14 @@ Prepare the data once (about 20 GB download; TFDS does it):
   python main.py --config=configs/mask_rcnn_coco.py --workdir=runs/coco --config.dataset.download=True
 then the same command without the flag (or with it; a prepared dataset is not fetched again).
 Offline, the pipeline and config are tested with tfds.testing.mock_data (tests/test_coco.py).
+
+`:imagenet` starts instead from torchvision's ImageNet ResNet-50, the usual recipe (Mask R-CNN's
+paper, detectron2, torchvision): batch norm frozen in the backbone (FrozenBN), ImageNet input
+normalisation. Download the weights once (no run downloads anything):
+  https://download.pytorch.org/models/resnet50-0676ba61.pth    (IMAGENET1K_V1, 98 MB)
+and name them:
+  python main.py --config=configs/mask_rcnn_coco.py:imagenet --workdir=runs/coco_r50_in1k \\
+      --config.model.init_from=PATH/resnet50-0676ba61.pth
 """
 
 import ml_collections
@@ -19,8 +27,9 @@ from seg_jax.data import coco
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """`arg`: `dataset=NAME` (a dataset with instance annotations)."""
-  options = config_lib.config_options(arg)
+  """`arg`: comma-separated `imagenet` (the preset above), `dataset=NAME` (a dataset with
+  instance annotations)."""
+  options = config_lib.config_options(arg, presets=("imagenet",))
   config = config_lib.base_config(model="mask_rcnn", dataset="coco")
 
   config.dataset.num_classes = coco.NUM_CLASSES  # background + the 80 thing classes
@@ -58,4 +67,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.num_eval_visuals = 4
   config.dtype = "float32"           # bfloat16 is untested for the detectors
 
+  if options["preset"] == "imagenet":  # with --config.model.init_from=.../resnet50-0676ba61.pth
+    config.model.norm = "batch"        # the weights' own norm, frozen as loaded: 2 images per
+    config.model.frozen_backbone_norm = True  # device are too few for batch statistics
+    config.model.input_normalization = "imagenet"
   return config_lib.apply_options(config, options)

@@ -19,6 +19,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from seg_jax import data  # registers the built-in datasets
+from seg_jax.data import image_io
 from seg_jax import losses
 from seg_jax import models  # registers the built-in models
 from seg_jax import registry
@@ -115,6 +116,11 @@ def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
   c.checkpoint.best_mode = "max"    # max | min: which value of best_metric is best
   # Which checkpoint --mode=eval and --mode=predict use: latest | best | a step number.
   c.checkpoint.use = "latest"
+  # Fine-tuning a pretrained backbone (the model's ResNet; seg_jax/train.make_optimizer): its
+  # learning rate is the schedule's times this, and it stays as loaded for the first
+  # backbone_frozen_steps steps (its batch-norm statistics too with model.frozen_backbone_norm).
+  c.optimizer.backbone_learning_rate_multiplier = 1.0
+  c.optimizer.backbone_frozen_steps = 0
 
   # --mode=predict: segment image files with the newest checkpoint (seg_jax/predict.py).
   c.predict = ml_collections.ConfigDict()
@@ -186,8 +192,14 @@ def _model_section(name: str) -> ml_collections.ConfigDict:
   m.name = name
   # Initialise matching parameters (same path and shape) from a local checkpoint before step 0:
   # a workdir, an Orbax checkpoint directory, or an .npz of arrays named by '/'-joined paths.
-  # Ignored when the workdir already has a checkpoint (resume wins). Never downloads.
+  # Also a PyTorch checkpoint (.pth, .safetensors, a Hugging Face directory) in a known layout,
+  # e.g. torchvision's ResNets (seg_jax/init_from.py). Ignored when the workdir already has a
+  # checkpoint (resume wins). Never downloads.
   m.init_from = ""
+  # What the model's input is (seg_jax/data/image_io.NORMALIZATIONS): pixels / dtype max, then
+  # "minus_one_to_one" (x * 2 - 1) or "imagenet" ((x - mean) / std, RGB; what ImageNet weights
+  # expect). A model key because it belongs to the weights; recorded in WORKDIR/model.json.
+  m.input_normalization = "minus_one_to_one"
   for key, value in entry.defaults.items():
     m[key] = value
   return m
@@ -201,7 +213,7 @@ def with_model(config: ml_collections.ConfigDict, name: str, *, keep_shared: boo
   out = ml_collections.ConfigDict(config.to_dict())
   section = _model_section(name)
   for key in section:
-    if key == "init_from" or (keep_shared and key != "name" and key in config.model):
+    if key in ("init_from", "input_normalization") or (keep_shared and key != "name" and key in config.model):
       section[key] = config.model[key]
   out.model = section
   return out
@@ -321,15 +333,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("num_eval_visuals", "check_finite_every_steps", "max_consecutive_skips",
               "profile_steps", "optimizer.weight_decay", "optimizer.warmup_steps",
               "optimizer.grad_clip_norm", "loss.dice_smooth", "loss.focal_gamma",
-              "dataset.shuffle_buffer"):
+              "dataset.shuffle_buffer", "optimizer.backbone_learning_rate_multiplier"):
     positive(key, allow_zero=True)
+  registry.check_int("optimizer.backbone_frozen_steps", config.optimizer.backbone_frozen_steps,
+                     minimum=0)
   registry.check_fraction("visual_score_threshold", config.visual_score_threshold)
   if not isinstance(config.model.init_from, str):
     _fail("model.init_from", config.model.init_from, "must be a path (a string)")
+  choice("model.input_normalization", tuple(image_io.NORMALIZATIONS))
 
   model_entry = registry.model_entry(config.model.name)
   dataset_entry = registry.dataset_entry(config.dataset.name)
   model_entry.check(config)
+  for key, neutral in (("backbone_learning_rate_multiplier", 1.0), ("backbone_frozen_steps", 0)):
+    if config.optimizer[key] != neutral and not model_entry.backbone(config.model):
+      _fail(f"optimizer.{key}", config.optimizer[key], f"model {config.model.name} (as "
+            "configured) has no pretrained backbone to treat apart")
   _validate_dataset(config, dataset_entry)
   if model_entry.task == "instance":
     if not dataset_entry.has_instances:

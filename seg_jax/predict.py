@@ -51,6 +51,7 @@ from seg_jax import config as config_lib
 from seg_jax import parallel
 from seg_jax import tiling
 from seg_jax import visualize
+from seg_jax import workdir as workdir_lib
 from seg_jax.data import image_io
 from seg_jax.data.errors import DataError
 from seg_jax.ops import conv as conv_ops
@@ -131,12 +132,14 @@ def make_tile_function(model: nn.Module, variables: dict, *, tta: str, batch_siz
 
 def predict_image(image: np.ndarray, tile_fn: Callable[[np.ndarray], np.ndarray], *,
                   num_classes: int, tile_size: int, overlap: float, batch_size: int,
-                  progress: Callable[[int, int], None] | None = None
+                  progress: Callable[[int, int], None] | None = None,
+                  normalization: str | dict = image_io.DEFAULT_NORMALIZATION
                   ) -> Iterator[tuple[int, np.ndarray]]:
   """Blended per-class probabilities of a uint8/uint16 [H, W, C] image, band by band.
 
   Yields (first row, float32 [rows, W, K]) from top to bottom; together the
-  bands cover every row once. `tile_fn` maps float32 [batch_size, T, T, C]
+  bands cover every row once. Tiles are normalised as the workdir records (`normalization`: a
+  name or model.json's record, `image_io.normalize`). `tile_fn` maps float32 [batch_size, T, T, C]
   to [batch_size, T, T, K]; padding tiles fill the last batch.
   """
   height, width, channels = image.shape
@@ -150,7 +153,7 @@ def predict_image(image: np.ndarray, tile_fn: Callable[[np.ndarray], np.ndarray]
     # while the host already fills the next batch.
     batch = np.zeros((batch_size, tile_size, tile_size, channels), np.float32)
     for i, (y, x) in enumerate(chunk):
-      batch[i] = image_io.normalize(tiling.extract_tile(image, y, x, tile_size))
+      batch[i] = image_io.normalize(tiling.extract_tile(image, y, x, tile_size), normalization)
     result = tile_fn(batch)  # asynchronous: the device runs while the host blends below
     if in_flight is not None:
       yield from _blend(blender, *in_flight)
@@ -327,6 +330,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   del state  # the optimiser state is not needed
   num_classes = config.dataset.num_classes
   channels = model_input_channels(trainer.model, variables, p.tile_size)
+  normalization = workdir_lib.read_model_info(workdir)["input_normalization"]
   t0 = time.perf_counter()
   tile_fn = make_tile_function(trainer.model, variables, tta=p.tta, batch_size=p.batch_size,
                                tile_size=p.tile_size, channels=channels, mesh=trainer.mesh,
@@ -348,7 +352,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       continue
     bands = predict_image(
         image, tile_fn, num_classes=num_classes, tile_size=p.tile_size, overlap=p.overlap,
-        batch_size=p.batch_size,
+        batch_size=p.batch_size, normalization=normalization,
         progress=lambda done, total: bar.set_postfix_str(f"{stem}: tile {done}/{total}"))
     write_outputs(image, bands, out_dir=out_dir, stem=stem, num_classes=num_classes,
                   class_names=trainer.class_names, ignore_label=config.dataset.ignore_label,

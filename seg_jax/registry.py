@@ -39,7 +39,8 @@ def _no_check(config: ml_collections.ConfigDict) -> None:
 class ModelEntry:
   """A model family.
 
-  `module` is called with `config.model`'s keys (all but `name` and `init_from`),
+  `module` is called with `config.model`'s keys (all but the run keys `name`, `init_from`
+  and `input_normalization`),
   which are exactly `defaults`' keys and named as the module's fields, plus
   what the run decides: the compute `dtype` and, by `task`, `num_logits`
   (semantic: one per class, or one for BCE) or `num_classes` (instance: object
@@ -59,6 +60,9 @@ class ModelEntry:
   # keys that change inference only (thresholds, budgets of kept detections): a workdir's
   # model may be used with other values of these
   inference_keys: tuple[str, ...] = ()
+  # config.model -> the '/'-joined path of the pretrained backbone's parameters in the model
+  # ('' = none): the parameter group that optimizer.backbone_* keys address
+  backbone: Callable[[ml_collections.ConfigDict], str] = lambda model: ""
   description: str = ""
 
 
@@ -95,7 +99,7 @@ def register_model(entry: ModelEntry) -> ModelEntry:
   """Adds (or replaces, by name) a model family; returns it."""
   if entry.task not in TASKS:
     raise ValueError(f"model {entry.name}: task must be one of {', '.join(TASKS)}")
-  reserved = {"name", "init_from"} & set(entry.defaults)
+  reserved = {"name", "init_from", "input_normalization"} & set(entry.defaults)
   if reserved:
     raise ValueError(f"model {entry.name}: {', '.join(sorted(reserved))} are run keys")
   _MODELS[entry.name] = entry

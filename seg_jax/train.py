@@ -16,6 +16,7 @@ from typing import Any
 from absl import logging
 import flax
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -29,10 +30,12 @@ from seg_jax import init_from
 from seg_jax import models
 from seg_jax import parallel
 from seg_jax import preemption
+from seg_jax import registry
 from seg_jax import tasks
 from seg_jax import visualize
 from seg_jax import workdir as workdir_lib
 from seg_jax import writers
+from seg_jax.data import image_io
 from seg_jax.data import pipeline
 from seg_jax.ops import conv as conv_ops
 from seg_jax.ops import onednn
@@ -83,9 +86,39 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+BACKBONE, HEAD = "backbone", "head"  # the parameter groups: the pretrained backbone, the rest
+
+
+def backbone_path(config: ml_collections.ConfigDict) -> str:
+  """The '/'-joined path of the model's pretrained backbone in its params ('' = none)."""
+  return registry.model_entry(config.model.name).backbone(config.model)
+
+
+def has_backbone_group(config: ml_collections.ConfigDict) -> bool:
+  """Whether the backbone gets its own learning rate (optimizer.backbone_* keys are set)."""
   o = config.optimizer
-  schedule = make_schedule(config)
+  return o.backbone_learning_rate_multiplier != 1.0 or o.backbone_frozen_steps > 0
+
+
+def parameter_labels(params, backbone: str):
+  """BACKBONE for every parameter under the module path `backbone`, HEAD for the others."""
+  prefix = tuple(backbone.split("/")) if backbone else None
+  return traverse_util.path_aware_map(
+      lambda path, _: BACKBONE if prefix and path[:len(prefix)] == prefix else HEAD, params)
+
+
+def backbone_schedule(config: ml_collections.ConfigDict, schedule: optax.Schedule
+                      ) -> optax.Schedule:
+  """The backbone's learning rate, by its own update count: the head's at the same step times
+  the multiplier. Its updates start after the frozen steps, so its count is behind by them."""
+  o = config.optimizer
+  return lambda count: o.backbone_learning_rate_multiplier * schedule(
+      count + o.backbone_frozen_steps)
+
+
+def _base_optimizer(o: ml_collections.ConfigDict, schedule: optax.Schedule
+                    ) -> optax.GradientTransformation:
+  """The optimiser with its weight decay, at learning rate `schedule`."""
   if o.name == "adamw":
     core = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=_decay_mask)
   else:
@@ -97,6 +130,29 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
       raise ValueError(f"unknown optimizer {o.name!r}")
     # Classic L2: the decay is added to the gradient before the optimiser sees it.
     core = optax.chain(optax.add_decayed_weights(o.weight_decay, mask=_decay_mask), base)
+  return core
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimiser and the (head's) learning-rate schedule.
+
+  With optimizer.backbone_learning_rate_multiplier != 1 or backbone_frozen_steps > 0 the
+  parameters are labelled (`parameter_labels`) and `optax.multi_transform` gives the backbone
+  its own optimiser: `backbone_schedule`, and no update at all (zero, its state unchanged) for
+  the first backbone_frozen_steps steps. Clipping and the non-finite guard wrap both groups, so
+  the global norm is over all gradients.
+  """
+  o = config.optimizer
+  schedule = make_schedule(config)
+  core = _base_optimizer(o, schedule)
+  if has_backbone_group(config):
+    backbone = _base_optimizer(o, backbone_schedule(config, schedule))
+    if o.backbone_frozen_steps:
+      frozen = o.backbone_frozen_steps
+      backbone = optax.transforms.conditionally_mask(backbone, lambda count: count >= frozen)
+    path = backbone_path(config)
+    core = optax.multi_transform({BACKBONE: backbone, HEAD: core},
+                                 functools.partial(parameter_labels, backbone=path))
   if o.grad_clip_norm:
     core = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), core)
   if o.accumulate_steps > 1:
@@ -111,14 +167,41 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
   return core, schedule
 
 
+def describe_parameter_groups(config: ml_collections.ConfigDict, params) -> str:
+  """The parameter groups, their sizes and learning rates, one line each (logged at start)."""
+  o = config.optimizer
+  sizes: dict[str, list[int]] = {BACKBONE: [0, 0], HEAD: [0, 0]}
+  backbone = backbone_path(config) if has_backbone_group(config) else ""
+  labels = parameter_labels(params, backbone)
+  for label, array in zip(jax.tree.leaves(labels), jax.tree.leaves(params)):
+    sizes[label][0] += 1
+    sizes[label][1] += int(np.prod(array.shape))
+  rate = f"{o.schedule} schedule, peak {o.learning_rate:g}"
+  if not backbone:
+    return f"parameter group: all {sizes[HEAD][1]:,} parameters ({sizes[HEAD][0]} arrays): {rate}"
+  frozen = (f"; unchanged for the first {o.backbone_frozen_steps} steps"
+            if o.backbone_frozen_steps else "")
+  return "\n".join([
+      "parameter groups:",
+      f"  {BACKBONE} (params/{backbone}): {sizes[BACKBONE][1]:,} parameters "
+      f"({sizes[BACKBONE][0]} arrays): {o.backbone_learning_rate_multiplier:g} x the {rate} "
+      f"(peak {o.backbone_learning_rate_multiplier * o.learning_rate:g}){frozen}",
+      f"  {HEAD} (the rest): {sizes[HEAD][1]:,} parameters ({sizes[HEAD][0]} arrays): {rate}"])
+
+
 def schedule_count(opt_state) -> jax.Array:
   """The step count the optimiser's learning-rate schedule is at (its ScaleByScheduleState).
 
   It is what the optimiser will use for its next update. Under on_nonfinite="skip" it stays
   behind TrainState.step by the number of skipped steps, as a skipped step does not advance it.
   """
-  is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
-  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+  is_schedule = lambda x: isinstance(x, (optax.ScaleByScheduleState, optax.MultiTransformState))
+  counts = []
+  for s in jax.tree.leaves(opt_state, is_leaf=is_schedule):
+    if isinstance(s, optax.MultiTransformState):  # the head's: it is never frozen
+      counts.append(schedule_count(s.inner_states[HEAD].inner_state))
+    elif is_schedule(s):
+      counts.append(s.count)
   if len(counts) != 1:
     raise ValueError(f"expected one learning-rate schedule state in the optimiser state, found "
                      f"{len(counts)}")
@@ -264,6 +347,11 @@ class Trainer:
     if with_data:
       self.builder, self.class_names = pipeline.prepare_dataset(config)
       self.channels = pipeline.image_channels(config, self.builder)
+      wanted = image_io.NORMALIZATIONS[config.model.input_normalization].get("channels")
+      if wanted and self.channels != wanted:
+        raise config_lib.ConfigError(
+            f"config.model.input_normalization={config.model.input_normalization!r} needs "
+            f"{wanted}-channel images; dataset {config.dataset.name} has {self.channels}")
       pipeline.check_eval_split(config, self.builder)  # fail now, not at the first eval
     else:
       info = workdir_lib.read_model_info(workdir)
@@ -474,6 +562,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0:
     workdir_lib.write(workdir, config, class_names=trainer.class_names, channels=trainer.channels)
   state = trainer.initial_state()
+  logging.info("%s", describe_parameter_groups(config, state.params))
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
     writers.drop_records_after(os.path.join(workdir, "metrics.jsonl"), start_step)

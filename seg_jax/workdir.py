@@ -46,7 +46,7 @@ def write(workdir: str, config: ml_collections.ConfigDict, *, class_names: list[
       "class_names": list(class_names),
       "ignore_label": config.dataset.ignore_label,
       "input_channels": int(channels),
-      "input_normalization": image_io.NORMALIZATION,
+      "input_normalization": image_io.NORMALIZATIONS[config.model.input_normalization],
       "input_multiple": models.input_multiple(config),
       "training_image_size": config.dataset.image_size,
   }

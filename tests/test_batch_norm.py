@@ -157,3 +157,28 @@ def test_conv_norm_act_keeps_its_variable_names():
   assert set(variables["batch_stats"]["BatchNorm_0"]) == {"mean", "var"}
   with pytest.raises(ValueError, match="only batch norm"):
     layers.make_norm("group", train=True, relu=True)
+
+
+def test_frozen_batch_norm_in_training_is_the_eval_function_without_parameter_gradients():
+  """detectron2's FrozenBN (layers.FROZEN_BATCH): in training it normalises with the running
+  statistics (flax's eval mode), keeps them, and gives scale and bias no gradient."""
+  x, params, stats, weights = _inputs(2)
+  _, ref_y, _, ref_grads = _loss_and_grads(_flax_bn(True, False), x, params, stats, weights)
+
+  class Frozen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return layers.Norm(kind=layers.FROZEN_BATCH)(x, train=True, relu=True)
+
+  def loss(params, x):
+    y, updated = Frozen().apply({"params": {"BatchNorm_0": params},
+                                 "batch_stats": {"BatchNorm_0": stats}}, x, mutable=["batch_stats"])
+    return jnp.sum(y * weights), (y, updated["batch_stats"]["BatchNorm_0"])
+  (_, (y, new)), (dparams, dx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+  np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, ref_grads[1], rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(dx)).max() > 0.1
+  for key in ("mean", "var"):
+    np.testing.assert_array_equal(new[key], stats[key])
+  for key in ("scale", "bias"):
+    np.testing.assert_array_equal(dparams[key], np.zeros_like(params[key]))

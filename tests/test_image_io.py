@@ -138,3 +138,45 @@ def test_convert_channels_promotes_grey_and_reduces_rgb_like_pil(tmp_path):
   assert image_io.convert_channels(rgb, 0) is rgb and image_io.convert_channels(rgb, 3) is rgb
   with pytest.raises(image_io.ImageError, match="bands.tif: 5 channels cannot be converted to 3"):
     image_io.convert_channels(np.zeros((2, 2, 5), np.uint16), 3, path="bands.tif")
+
+
+def test_input_normalizations_by_name_and_by_workdir_record(tmp_path):
+  """normalize() against the formulas written out here; TF's pipeline arithmetic gives the same
+  bits; model.json records the config's choice, and that record normalises alike."""
+  import json
+  import tensorflow as tf
+  from seg_jax import config as config_lib
+  from seg_jax import workdir as workdir_lib
+  from seg_jax.data import transforms
+  rng = np.random.default_rng(0)
+  rgb8 = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+  rgb16 = rng.integers(0, 65536, (4, 5, 3), dtype=np.uint16)
+  x = rgb8.astype(np.float64) / 255
+  np.testing.assert_allclose(image_io.normalize(rgb8), x * 2 - 1, rtol=1e-6, atol=1e-6)
+  imagenet = (x - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+  np.testing.assert_allclose(image_io.normalize(rgb8, "imagenet"), imagenet, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(image_io.normalize(rgb16, "imagenet"),
+                             (rgb16 / 65535.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225],
+                             rtol=1e-5, atol=1e-5)
+  for name in image_io.NORMALIZATIONS:
+    pipeline = transforms.unit_to_model_range(transforms.to_unit_range(tf.constant(rgb8)), name)
+    np.testing.assert_array_equal(pipeline.numpy(), image_io.normalize(rgb8, name))
+    np.testing.assert_array_equal(
+        transforms.denormalize_image(image_io.normalize(rgb8, name), name), rgb8)
+  with pytest.raises(ValueError, match="3 channels"):
+    image_io.normalize(rgb8[..., :1], "imagenet")
+
+  config = config_lib.base_config("deeplabv3plus")
+  config.model.input_normalization = "imagenet"
+  workdir_lib.write(str(tmp_path), config, class_names=["a", "b"], channels=3)
+  record = workdir_lib.read_model_info(str(tmp_path))["input_normalization"]
+  assert record["name"] == "imagenet" and record["mean"] == [0.485, 0.456, 0.406]
+  np.testing.assert_array_equal(image_io.normalize(rgb8, record),
+                                image_io.normalize(rgb8, "imagenet"))
+  # a workdir written before the choice existed records the [-1, 1] formula without a name
+  old = {k: v for k, v in image_io.NORMALIZATIONS["minus_one_to_one"].items() if k != "name"}
+  np.testing.assert_array_equal(image_io.normalize(rgb8, json.loads(json.dumps(old))),
+                                image_io.normalize(rgb8))
+  config.model.input_normalization = "imagenet_rgb"
+  with pytest.raises(config_lib.ConfigError, match="input_normalization='imagenet_rgb'"):
+    config_lib.validate(config)

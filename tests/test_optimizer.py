@@ -6,6 +6,7 @@ a dense kernel) with fixed random gradients; a numpy re-implementation of the RE
 must give the same parameters after every step.
 """
 
+import functools
 import math
 
 import jax
@@ -238,3 +239,134 @@ def test_accumulation_with_skip_mode_drops_a_nonfinite_micro_batch_alone():
   first = {k: params[k] - 0.1 * (grads[0][k] + grads[1][k]) / 2 for k in params}
   second = {k: first[k] - 0.1 * (grads[2][k] + grads[3][k]) / 2 for k in params}
   _assert_same(history, [params, params, first, first, second])
+
+# ---------------------------------------------------------------------------- backbone group
+
+FROZEN = 3
+MULTIPLIER = 0.1
+GROUP_SHAPES = {"backbone/conv/kernel": (3, 3, 2, 4), "backbone/norm/scale": (4,),
+                "head/kernel": (4, 3), "head/bias": (3,)}
+
+
+def _nested(flat):
+  out = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split("/")
+    node = out
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = jnp.asarray(value, jnp.float32)
+  return out
+
+
+def test_backbone_multiplier_and_frozen_steps_match_formula():
+  """AdamW with decay and clipping; the backbone (DeepLabv3+'s `backbone` subtree): no change
+  for FROZEN steps, then Adam from fresh moments at MULTIPLIER x the head's learning rate at
+  the same step; the clipping norm is over both groups' gradients throughout."""
+  c = config_lib.base_config("deeplabv3plus")
+  c.num_train_steps = NUM_STEPS
+  c.optimizer.update(name="adamw", weight_decay=0.05, grad_clip_norm=2.0, warmup_steps=2,
+                     backbone_learning_rate_multiplier=MULTIPLIER, backbone_frozen_steps=FROZEN)
+  config_lib.validate(c)
+  o = c.optimizer
+  rng = np.random.default_rng(3)
+  params = {k: rng.normal(size=s) for k, s in GROUP_SHAPES.items()}
+  grads = [{k: rng.normal(size=v.shape) for k, v in params.items()} for _ in range(NUM_STEPS)]
+
+  tx, _ = train.make_optimizer(c)
+  p = _nested(params)
+  state = tx.init(p)
+  got = []
+  for g in grads:
+    updates, state = jax.jit(tx.update)(_nested(g), state, p)
+    p = optax.apply_updates(p, updates)
+    got.append(_flat(p))
+
+  want, p = [], {k: v.copy() for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v2 = {k: np.zeros_like(v) for k, v in p.items()}
+  for t, g in enumerate(grads):
+    norm = math.sqrt(sum(float(np.sum(x * x)) for x in g.values()))
+    scale = min(1.0, o.grad_clip_norm / norm)
+    for k in p:
+      backbone = k.startswith("backbone/")
+      if backbone and t < FROZEN:
+        continue
+      count = t - FROZEN + 1 if backbone else t + 1   # the group's own Adam step
+      lr = np_lr(o, t) * (MULTIPLIER if backbone else 1.0)
+      gk = g[k] * scale
+      m[k] = o.b1 * m[k] + (1 - o.b1) * gk
+      v2[k] = o.b2 * v2[k] + (1 - o.b2) * gk * gk
+      direction = (m[k] / (1 - o.b1 ** count)) / (np.sqrt(v2[k] / (1 - o.b2 ** count)) + 1e-8)
+      direction = direction + o.weight_decay * (p[k].ndim > 1) * p[k]
+      p[k] = p[k] - lr * direction
+    want.append({k: v.copy() for k, v in p.items()})
+  _assert_same(got, want)
+  for step in range(FROZEN):  # bit-identical, not merely close
+    np.testing.assert_array_equal(got[step]["backbone/conv/kernel"],
+                                  params["backbone/conv/kernel"].astype(np.float32))
+  assert not np.array_equal(got[FROZEN]["backbone/conv/kernel"], got[FROZEN - 1]["backbone/conv/kernel"])
+  groups = train.describe_parameter_groups(c, _nested(params)).splitlines()
+  assert groups[1].startswith("  backbone (params/backbone): 76 parameters (2 arrays): 0.1 x")
+  assert "(peak 0.0001); unchanged for the first 3 steps" in groups[1]
+  assert groups[2] == "  head (the rest): 15 parameters (2 arrays): warmup_cosine schedule, peak 0.001"
+
+
+def test_backbone_keys_need_a_backbone():
+  c = config_lib.base_config("unet")  # the classic encoder: nothing pretrained to treat apart
+  c.optimizer.backbone_frozen_steps = 10
+  with pytest.raises(config_lib.ConfigError, match="backbone_frozen_steps=10.*no pretrained backbone"):
+    config_lib.validate(c)
+  c.model.backbone = "resnet18"
+  config_lib.validate(c)
+  assert train.backbone_path(c) == "encoder"
+  c.model.update(norm="group", frozen_backbone_norm=True)  # FrozenBN needs batch norms
+  with pytest.raises(config_lib.ConfigError, match="frozen_backbone_norm=True.*'group'"):
+    config_lib.validate(c)
+
+
+def test_train_step_leaves_a_frozen_backbone_bit_identical_then_trains_it():
+  """DeepLabv3+ through train.train_step: backbone_frozen_steps=2 with frozen_backbone_norm.
+  The ResNet's parameters and statistics stay bit-identical for steps 1-2 while the head
+  trains; at step 3 its parameters move; its (frozen) statistics never do."""
+  from seg_jax import models
+  c = config_lib.base_config("deeplabv3plus")
+  c.model.update(backbone="resnet10", width=4, stem="small", output_stride=8,
+                 aspp_features=8, aspp_rates=(1, 2), low_level_features=8, decoder_features=8,
+                 frozen_backbone_norm=True)
+  c.dataset.image_size = 32
+  c.num_train_steps = 3
+  c.optimizer.update(name="sgd", learning_rate=0.1, schedule="constant",
+                     backbone_frozen_steps=2, backbone_learning_rate_multiplier=0.5)
+  c.conv_backend = "xla"
+  config_lib.validate(c)
+  model = models.build_model(c)
+  tx, schedule = train.make_optimizer(c)
+  # Random variables of the model's shapes (traced, not compiled: only the step compiles)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                               train=False))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) * 0.3, jnp.float32),
+                        abstract["params"])
+  stats = jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape) if path[-1].key == "var"
+                                  else rng.normal(size=s.shape) * 0.1, jnp.float32),
+      abstract["batch_stats"])
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                           opt_state=tx.init(params))
+  batch = {"image": jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32),
+           "mask": jnp.asarray(rng.integers(0, 2, size=(2, 32, 32)), jnp.int32)}
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                                   config=c))
+  before = jax.device_get(state)
+  for i in range(1, 4):
+    state, _ = step(state, batch)
+    now = jax.device_get(state)
+    backbone_same = jax.tree.leaves(jax.tree.map(np.array_equal, before.params["backbone"],
+                                                 now.params["backbone"]))
+    assert all(backbone_same) == (i <= 2), f"step {i}"
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, before.batch_stats["backbone"],
+                                            now.batch_stats["backbone"])))
+  assert not np.array_equal(before.params["head"]["kernel"], now.params["head"]["kernel"])
+  assert not np.array_equal(before.batch_stats["aspp"]["conv1x1"]["BatchNorm_0"]["mean"],
+                            now.batch_stats["aspp"]["conv1x1"]["BatchNorm_0"]["mean"])

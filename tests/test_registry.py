@@ -103,7 +103,8 @@ def _toy_config(data_dir):
 
 def test_a_model_and_a_dataset_registered_outside_seg_jax_train(tmp_path):
   config = _toy_config(str(tmp_path / "tfds"))
-  assert config.model.to_dict() == {"name": "pixel_net", "init_from": "", "hidden": 8}
+  assert config.model.to_dict() == {"name": "pixel_net", "init_from": "",
+                                    "input_normalization": "minus_one_to_one", "hidden": 8}
   assert config.dataset.threshold_note == "red > 127" and config.dataset.num_classes == 2
   config_lib.validate(config)
   workdir = str(tmp_path / "run")

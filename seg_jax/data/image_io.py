@@ -14,7 +14,10 @@ Host-side only. Used by the folder dataset builder and by `--mode=predict`.
 - `convert_channels(image, channels)` promotes grey to RGB or reduces RGB to
   grey, as the folder dataset stores images (predict must do the same).
 - `to_unit_range(image)` scales 8/16-bit values to [0, 1]; the model's input
-  is `to_unit_range(image) * 2 - 1` (the pipeline computes the same in TF).
+  is that mapped by the model's `input_normalization` (`NORMALIZATIONS`):
+  to [-1, 1], or by ImageNet's mean and std (the pipeline computes the same
+  in TF with `unit_to_model_input`). `normalize(image, normalization)` does
+  both for inference, given the name or the record in a workdir's model.json.
 
 Every failure raises `ImageError` naming the file: empty file, truncated or
 undecodable data, a non-image with an image extension, a header announcing
@@ -170,15 +173,63 @@ def to_unit_range(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / float(np.iinfo(image.dtype).max)
 
 
-# What every model sees: pixels scaled by their type's range (not the image's) to [0, 1], then
-# to [-1, 1]. Recorded in each workdir (WORKDIR/model.json) for use outside seg_jax.
-NORMALIZATION = {"formula": "x / dtype_max * 2 - 1", "range": [-1.0, 1.0],
-                 "dtype_max": {"uint8": 255, "uint16": 65535}}
+# What a model sees: pixels scaled by their type's range (not the image's) to [0, 1], then by the
+# model's `input_normalization`: to [-1, 1], or ImageNet's per-channel mean and std (RGB), which
+# weights trained on ImageNet expect. Recorded in each workdir (WORKDIR/model.json) for use
+# outside seg_jax.
+_DTYPE_MAX = {"uint8": 255, "uint16": 65535}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = {
+    "minus_one_to_one": {"name": "minus_one_to_one", "formula": "x / dtype_max * 2 - 1",
+                         "range": [-1.0, 1.0], "dtype_max": _DTYPE_MAX},
+    "imagenet": {"name": "imagenet", "formula": "(x / dtype_max - mean) / std",
+                 "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "channels": 3,
+                 "dtype_max": _DTYPE_MAX},
+}
+DEFAULT_NORMALIZATION = "minus_one_to_one"
+NORMALIZATION = NORMALIZATIONS[DEFAULT_NORMALIZATION]
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-  """uint8/uint16 pixels -> float32 model input in [-1, 1] (see NORMALIZATION)."""
-  return to_unit_range(image) * 2 - 1
+def normalization_name(normalization: str | dict | None) -> str:
+  """The name of a normalisation given by name or by its record in a workdir's model.json
+  (None, or a record written before there was a choice: the default)."""
+  if isinstance(normalization, dict):
+    normalization = normalization.get("name", DEFAULT_NORMALIZATION)
+  name = normalization or DEFAULT_NORMALIZATION
+  if name not in NORMALIZATIONS:
+    raise ValueError(f"unknown input normalization {name!r}; known: {', '.join(NORMALIZATIONS)}")
+  return name
+
+
+def unit_to_model_input(unit, normalization: str | dict | None = DEFAULT_NORMALIZATION):
+  """[0, 1] pixels [..., C] -> the model's input. Plain arithmetic, so that numpy (inference) and
+  TensorFlow (the pipeline) compute bit-identical values."""
+  name = normalization_name(normalization)
+  if name == "minus_one_to_one":
+    return unit * 2.0 - 1.0
+  if unit.shape[-1] != 3:
+    raise ValueError(f"input normalization 'imagenet' needs RGB images (3 channels), got "
+                     f"{unit.shape[-1]}")
+  mean = np.asarray(IMAGENET_MEAN, np.float32)
+  std = np.asarray(IMAGENET_STD, np.float32)
+  return (unit - mean) / std
+
+
+def model_input_to_unit(x: np.ndarray, normalization: str | dict | None = DEFAULT_NORMALIZATION
+                        ) -> np.ndarray:
+  """The inverse of `unit_to_model_input`, in numpy (for pictures)."""
+  x = np.asarray(x, np.float32)
+  if normalization_name(normalization) == "minus_one_to_one":
+    return (x + 1.0) / 2.0
+  return x * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)
+
+
+def normalize(image: np.ndarray, normalization: str | dict | None = DEFAULT_NORMALIZATION
+              ) -> np.ndarray:
+  """uint8/uint16 pixels -> float32 model input, by `normalization` (a name of NORMALIZATIONS,
+  or the `input_normalization` record of a workdir's model.json)."""
+  return unit_to_model_input(to_unit_range(image), normalization).astype(np.float32)
 
 
 def convert_channels(image: np.ndarray, channels: int, *, path: str = "image") -> np.ndarray:

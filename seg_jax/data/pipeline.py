@@ -230,7 +230,8 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
     seed = tf.stack([tf.constant(stream_seed, tf.int64), index])
     image, mask = transforms.train_augment(
         example["image"], _labels(example), seed, aug=d.augment, size=d.image_size,
-        ignore_label=d.ignore_label, resize=d.resize)
+        ignore_label=d.ignore_label, resize=d.resize,
+        normalization=config.model.input_normalization)
     return _view(example, image, mask)
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -270,7 +271,8 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   def prepare(example):
     example = decode(example)
     image, mask = transforms.eval_view(example["image"], _labels(example), canvas=canvas,
-                                       ignore_label=d.ignore_label, resize=d.resize)
+                                       ignore_label=d.ignore_label, resize=d.resize,
+                                       normalization=config.model.input_normalization)
     return {**_view(example, image, mask), "valid": tf.constant(True)}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)

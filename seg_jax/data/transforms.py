@@ -1,7 +1,8 @@
 """Augmentations applied jointly to an image and its mask (TensorFlow, in tf.data).
 
-Images arrive as uint8 or uint16 of any size and leave as float32 in [-1, 1]
-(`to_unit_range(x) * 2 - 1`): training views are random crops of a fixed
+Images arrive as uint8 or uint16 of any size and leave as float32 model input
+(`to_unit_range(x)` mapped by the model's input normalisation: to [-1, 1], or
+ImageNet's mean and std; `image_io.NORMALIZATIONS`): training views are random crops of a fixed
 size, eval views are whole images padded onto a fixed canvas.
 
 All randomness is stateless: every example gets its own seed, so the augmented
@@ -20,6 +21,8 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from seg_jax.data import image_io
+
 
 def to_unit_range(image: tf.Tensor) -> tf.Tensor:
   """uint8/uint16 -> float32 in [0, 1], by the type's range (as `image_io.to_unit_range`)."""
@@ -28,18 +31,18 @@ def to_unit_range(image: tf.Tensor) -> tf.Tensor:
   raise TypeError(f"expected a uint8 or uint16 image, got {image.dtype!r}")
 
 
-def unit_to_model_range(image: tf.Tensor) -> tf.Tensor:
-  """[0, 1] -> the models' input range [-1, 1] (`image_io.MODEL_INPUT_RANGE`).
-
-  The same arithmetic as `image_io.normalize` in numpy (inference), so
-  training, eval and prediction see bit-identical inputs.
-  """
-  return image * 2.0 - 1.0
+def unit_to_model_range(image: tf.Tensor, normalization: str = image_io.DEFAULT_NORMALIZATION
+                        ) -> tf.Tensor:
+  """[0, 1] -> the model's input (`image_io.NORMALIZATIONS`): the arithmetic of
+  `image_io.normalize` (inference), so training, eval and prediction see bit-identical inputs."""
+  return image_io.unit_to_model_input(image, normalization)
 
 
-def denormalize_image(image: np.ndarray) -> np.ndarray:
-  """Inverse of the normalisation on the host, for pictures: float [-1, 1] -> uint8."""
-  return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+def denormalize_image(image: np.ndarray, normalization: str = image_io.DEFAULT_NORMALIZATION
+                      ) -> np.ndarray:
+  """Inverse of the normalisation on the host, for pictures: model input -> uint8."""
+  unit = image_io.model_input_to_unit(image, normalization)
+  return np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8)
 
 
 def resized_shape(height, width, shorter_side: int):
@@ -177,8 +180,9 @@ def color_jitter(image, seed, *, brightness: float, contrast: float, saturation:
 
 
 def train_augment(image, mask, seed, *, aug: ml_collections.ConfigDict, size: int,
-                  ignore_label: int, resize: int = 0):
-  """Training view of one example: returns (float32 image [size, size, C] in [-1, 1], int32 mask).
+                  ignore_label: int, resize: int = 0,
+                  normalization: str = image_io.DEFAULT_NORMALIZATION):
+  """Training view of one example: returns (float32 model input [size, size, C], int32 mask).
 
   `image` is uint8 or uint16 [H, W, C] of any size. Optional resize of the
   shorter side, then joint random scale-and-crop (padding with ignore_label
@@ -193,19 +197,20 @@ def train_augment(image, mask, seed, *, aug: ml_collections.ConfigDict, size: in
   image, mask = random_flips(image, mask, seeds[1], horizontal=aug.hflip, vertical=aug.vflip)
   image = color_jitter(image, seeds[2], brightness=aug.brightness, contrast=aug.contrast,
                        saturation=aug.saturation, hue=aug.hue)
-  return unit_to_model_range(image), mask
+  return unit_to_model_range(image, normalization), mask
 
 
-def eval_view(image, mask, *, canvas: tuple[int, int], ignore_label: int, resize: int = 0):
-  """Eval view of one example: (float32 image [H, W, C] in [-1, 1], int32 mask [H, W]).
+def eval_view(image, mask, *, canvas: tuple[int, int], ignore_label: int, resize: int = 0,
+              normalization: str = image_io.DEFAULT_NORMALIZATION):
+  """Eval view of one example: (float32 model input [H, W, C], int32 mask [H, W]).
 
   Optional resize of the shorter side, then `pad_to_canvas`; padding is black
-  (-1) like the training crops' padding, and `ignore_label` in the mask.
+  (0 before normalisation) like the training crops' padding, and `ignore_label` in the mask.
   """
   image = to_unit_range(image)
   image, mask = resize_shorter_side(image, mask, resize)
   image, mask = pad_to_canvas(image, mask, canvas, ignore_label=ignore_label)
-  return unit_to_model_range(image), mask
+  return unit_to_model_range(image, normalization), mask
 
 
 # ---------------------------------------------------------------------------- instances

@@ -17,7 +17,8 @@ from seg_jax.models import deeplab  # registers deeplabv3plus
 from seg_jax.models import unet  # registers unet
 from seg_jax.models.detection import mask_rcnn  # registers mask_rcnn, faster_rcnn
 
-RUN_KEYS = ("name", "init_from")  # config.model keys that are not the module's fields
+# config.model keys that are not the module's fields
+RUN_KEYS = ("name", "init_from", "input_normalization")
 
 
 def as_tuples(value):

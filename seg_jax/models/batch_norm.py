@@ -99,13 +99,16 @@ class BatchNorm(nn.Module):
 
   Attributes as flax's: `use_running_average` (eval mode: normalise with the running
   statistics), `momentum` of the running averages, `epsilon`, and `dtype` of the output
-  (default: that of x and the float32 parameters).
+  (default: that of x and the float32 parameters). `frozen` is detectron2's FrozenBN: the
+  running statistics in training too, and no gradient for scale and bias, so that a pretrained
+  backbone's normalisation stays as loaded when batches are too small for batch statistics.
   """
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: Any = None
   relu: bool = False
+  frozen: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,7 +118,9 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
     out_dtype = jnp.dtype(self.dtype) if self.dtype is not None else jnp.result_type(x, scale)
-    if self.use_running_average:
+    if self.frozen:
+      scale, bias = lax.stop_gradient(scale), lax.stop_gradient(bias)
+    if self.use_running_average or self.frozen:
       a, b, _ = _affine(ra_mean.value, ra_var.value, scale, bias, self.epsilon)
       z = x.astype(jnp.float32) * a + b
       return (jnp.maximum(z, 0.0) if self.relu else z).astype(out_dtype)

@@ -80,6 +80,8 @@ class DeepLabV3Plus(nn.Module):
   dropout: float = 0.0            # after the ASPP
   norm: str = "batch"
   norm_groups: int = 8
+  frozen_backbone_norm: bool = False  # the backbone's batch norms keep their loaded statistics,
+                                      # scale and bias (detectron2's FrozenBN): small batches
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -91,7 +93,8 @@ class DeepLabV3Plus(nn.Module):
     height, width = x.shape[1:3]
     features = resnet.ResNet(arch=self.backbone, width=self.width,
                              output_stride=self.output_stride, stem=self.stem, norm=self.norm,
-                             norm_groups=self.norm_groups, dtype=self.dtype,
+                             norm_groups=self.norm_groups,
+                             frozen_norm=self.frozen_backbone_norm, dtype=self.dtype,
                              name="backbone")(x, train=train)
     norm = layers.Norm(kind=self.norm, groups=self.norm_groups, dtype=self.dtype)
     y = ASPP(features=self.aspp_features, rates=tuple(self.aspp_rates),
@@ -138,4 +141,5 @@ ENTRY = registry.register_model(registry.ModelEntry(
     input_multiple_reason=lambda m: (f"the input multiple of deeplabv3plus at "
                                      f"model.output_stride={m.output_stride}"),
     check=_check,
+    backbone=lambda m: "backbone",
     description="DeepLabv3+ on an atrous ResNet"))

@@ -15,6 +15,10 @@ from seg_jax.models import batch_norm
 from seg_jax.ops import conv as conv_ops
 
 NORMS = ("batch", "group", "none")
+# A backbone's batch norm with its running statistics, scale and bias held fixed (detectron2's
+# FrozenBN; `model.frozen_backbone_norm`): not a choice of model.norm, as only loaded
+# statistics make sense frozen.
+FROZEN_BATCH = "frozen_batch"
 UPSAMPLINGS = ("transpose", "resize")
 
 # Every convolution of every model: flax's Conv (same parameters and names), computed by
@@ -32,9 +36,9 @@ def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float
   statistics are already averaged across every device and host. It is flax's batch norm with a
   hand-written gradient (batch_norm.py); `relu=True` fuses the ReLU after it into it.
   """
-  if kind == "batch":
+  if kind in ("batch", FROZEN_BATCH):
     return batch_norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                dtype=dtype, relu=relu)
+                                dtype=dtype, relu=relu, frozen=kind == FROZEN_BATCH)
   if relu:
     raise ValueError(f"only batch norm fuses the ReLU; use Norm(...)(x, relu=True) for {kind!r}")
   if kind == "group":
@@ -49,7 +53,7 @@ class Norm:
   """A model's normalisation, made once from its config keys (`norm`, `norm_groups`, the compute
   dtype) and handed to its blocks. Called inside a module's compact method, it adds the layer to
   that module (named BatchNorm_0, GroupNorm_0, ... by flax, as before)."""
-  kind: str = "batch"       # batch | group | none
+  kind: str = "batch"       # batch | group | none | frozen_batch
   groups: int = 8           # group norm's groups
   dtype: Any = jnp.float32
 
@@ -60,8 +64,8 @@ class Norm:
 
   def __call__(self, x: jax.Array, *, train: bool, relu: bool = False) -> jax.Array:
     """norm(x), or relu(norm(x)) (batch norm computes both in one op); 'none' is the identity."""
-    if self.kind == "batch":
-      return make_norm("batch", train=train, dtype=self.dtype, relu=relu)(x)
+    if self.kind in ("batch", FROZEN_BATCH):
+      return make_norm(self.kind, train=train, dtype=self.dtype, relu=relu)(x)
     layer = make_norm(self.kind, train=train, groups=self.groups, dtype=self.dtype)
     y = x if layer is None else layer(x)
     return nn.relu(y) if relu else y

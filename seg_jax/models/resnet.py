@@ -159,6 +159,7 @@ class ResNet(nn.Module):
   stem: str = "imagenet"
   norm: str = "batch"
   norm_groups: int = 8
+  frozen_norm: bool = False   # batch norm only: detectron2's FrozenBN (layers.FROZEN_BATCH)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -168,7 +169,10 @@ class ResNet(nn.Module):
     block_kind, blocks = RESNETS[self.arch]
     block_cls = BasicBlock if block_kind == "basic" else Bottleneck
     strides, dilations = stage_strides_and_dilations(self.output_stride, self.stem)
-    norm = layers.Norm(kind=self.norm, groups=self.norm_groups, dtype=self.dtype)
+    if self.frozen_norm and self.norm != "batch":
+      raise ValueError(f"frozen_norm freezes batch norm; the norm is {self.norm!r}")
+    norm = layers.Norm(kind=layers.FROZEN_BATCH if self.frozen_norm else self.norm,
+                       groups=self.norm_groups, dtype=self.dtype)
     norm_relu = lambda y: norm(y, train=train, relu=True)
     bias = norm.conv_bias
     x = x.astype(self.dtype)
@@ -214,6 +218,12 @@ def check_backbone(model_config, *, widths: dict[str, int] | None = None) -> Non
   if m.stem in ("small", "small_stride2"):
     own["model.width / 2 (the small stem's first conv)"] = m.width // 2
   layers.check_norm(m, {**own, **(widths or {})})
+  frozen = m.get("frozen_backbone_norm", False)
+  if not isinstance(frozen, bool):
+    registry.fail("model.frozen_backbone_norm", frozen, "must be True or False")
+  if frozen and m.norm != "batch":
+    registry.fail("model.frozen_backbone_norm", frozen,
+                  f"freezes the backbone's batch norms; model.norm is {m.norm!r}")
 
 
 def input_divisor(output_stride: int, stem: str = "imagenet") -> int:

@@ -54,6 +54,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   backbone: str = ""              # '' = the classic encoder, or a ResNet (resnet.RESNETS)
   stem: str = "imagenet"          # the ResNet's stem (resnet.STEMS)
+  frozen_backbone_norm: bool = False  # ResNet encoder: its batch norms as loaded (FrozenBN)
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -91,6 +92,7 @@ class UNet(nn.Module):
     natural = resnet.output_strides(self.stem)[-1]
     features = resnet.ResNet(arch=self.backbone, width=self.width, output_stride=natural,
                              stem=self.stem, norm=self.norm, norm_groups=self.norm_groups,
+                             frozen_norm=self.frozen_backbone_norm,
                              dtype=self.dtype, name="encoder")(x, train=train)
     by_stride = {stride: features[name]
                  for name, stride in resnet.feature_strides(natural, self.stem).items()}
@@ -118,12 +120,16 @@ def _check(config) -> None:
     resnet.check_backbone(m)
   else:
     layers.check_norm(m, {"model.width": m.width})
+    if m.frozen_backbone_norm:
+      registry.fail("model.frozen_backbone_norm", m.frozen_backbone_norm,
+                    "needs a ResNet encoder (model.backbone)")
   registry.check_fraction("model.dropout", m.dropout, closed=False)
 
 
 ENTRY = registry.register_model(registry.ModelEntry(
     name="unet", module=UNet, defaults=registry.field_defaults(UNet, exclude=("num_logits", "dtype")),
     input_multiple=lambda m: input_divisor(m.depth, m.backbone, m.stem),
+    backbone=lambda m: "encoder" if m.backbone else "",
     input_multiple_reason=lambda m: (f"the input multiple of a U-Net with a {m.backbone} encoder"
                                      if m.backbone else f"2**model.depth={2 ** m.depth}"),
     check=_check,

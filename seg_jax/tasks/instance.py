@@ -99,7 +99,8 @@ class InstanceTask:
       predictions.append({key: visuals[f"det_{key}"][i][shown]
                           for key in ("boxes", "classes", "scores", "masks")
                           if f"det_{key}" in visuals})
-    images = transforms.denormalize_image(visuals["image"][visuals["valid"]])
+    images = transforms.denormalize_image(visuals["image"][visuals["valid"]],
+                                           c.model.input_normalization)
     return visualize.instance_panels(images, truths, predictions,
                                      num_classes=c.dataset.num_classes, class_names=class_names,
                                      scale=max(1, 256 // c.dataset.image_size))

@@ -159,7 +159,7 @@ class SemanticTask:
     c = self.config
     keep = visuals["valid"]
     return visualize.panels(
-        transforms.denormalize_image(visuals["image"][keep]), visuals["mask"][keep],
+        transforms.denormalize_image(visuals["image"][keep], c.model.input_normalization), visuals["mask"][keep],
         visuals["prediction"][keep], c.dataset.num_classes, ignore_label=c.dataset.ignore_label,
         scale=max(1, 256 // c.dataset.image_size), class_names=class_names)
 

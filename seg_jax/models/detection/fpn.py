@@ -50,6 +50,7 @@ class ResNetFPN(nn.Module):
   stem: str = "imagenet"
   norm: str = "batch"
   norm_groups: int = 8
+  frozen_norm: bool = False
   features: int = 256
   dtype: Any = jnp.float32
 
@@ -58,6 +59,7 @@ class ResNetFPN(nn.Module):
     if resnet.STEM_STRIDES[self.stem] != 4:
       raise ValueError(f"the FPN needs a stem of stride 4 (imagenet or small), got {self.stem!r}")
     c = resnet.ResNet(arch=self.backbone, width=self.width, output_stride=32, stem=self.stem,
-                      norm=self.norm, norm_groups=self.norm_groups, dtype=self.dtype,
+                      norm=self.norm, norm_groups=self.norm_groups,
+                      frozen_norm=self.frozen_norm, dtype=self.dtype,
                       name="backbone")(x, train=train)
     return FPN(features=self.features, dtype=self.dtype, name="fpn")(c)

@@ -55,6 +55,7 @@ class MaskRCNN(nn.Module):
   stem: str = "imagenet"                             # imagenet | small (both of stride 4)
   norm: str = "batch"
   norm_groups: int = 8
+  frozen_backbone_norm: bool = False                 # the ResNet's batch norms as loaded (FrozenBN)
   fpn_features: int = 256
   anchor_sizes: Sequence[float] = (32, 64, 128, 256, 512)  # anchor side of P2..P6, pixels
   aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)   # anchor height / width
@@ -94,6 +95,7 @@ class MaskRCNN(nn.Module):
     image_size = images.shape[1:3]
     pyramid = fpn_ops.ResNetFPN(backbone=self.backbone, width=self.width, stem=self.stem,
                                 norm=self.norm, norm_groups=self.norm_groups,
+                                frozen_norm=self.frozen_backbone_norm,
                                 features=self.fpn_features, dtype=self.dtype,
                                 name="backbone")(images, train=train)
     level_anchors = self._anchors(pyramid)
@@ -184,6 +186,7 @@ def _entry(name: str, with_masks: bool, description: str) -> registry.ModelEntry
       input_multiple=lambda m: resnet.input_divisor(32, m.stem),  # the FPN's ResNet: stride 32
       input_multiple_reason=lambda m: f"the input multiple of {name}'s ResNet-FPN",
       check=_check, description=description,
+      backbone=lambda m: "backbone/backbone",  # the ResNet; the FPN is new in every run
       inference_keys=("score_threshold", "nms_threshold", "detections_per_image")))
 
 
