@@ -15,8 +15,6 @@ import pytest
 from flax import traverse_util
 
 from seg_jax import config as config_lib
-from seg_jax import parallel
-from seg_jax import train
 from seg_jax.models import segformer
 from tests.conftest import tiny_config
 
@@ -121,7 +119,7 @@ def test_bfloat16_forward_is_close_to_float32(reference, forward):
   tensors, hf_config, outputs, model, image = reference
   variables = segformer.convert_transformers(tensors, hf_config)
   bf16 = model.clone(dtype=jnp.bfloat16)
-  logits = bf16.apply(variables, image, train=False)
+  logits = jax.jit(lambda v, x: bf16.apply(v, x, train=False))(variables, image)
   assert logits.dtype == jnp.float32
   expected = _nhwc(outputs["upsampled"])
   # bf16 keeps 8 bits of mantissa: errors of a few parts in a hundred of the logits' scale.
@@ -132,7 +130,7 @@ def test_bfloat16_forward_is_close_to_float32(reference, forward):
 @pytest.mark.parametrize("variant,params", [
     # transformers' SegformerForSemanticSegmentation with nvidia/mit-b* sizes and 150 classes
     # (the ADE20K models): sum(p.numel() for p in model.parameters()).
-    ("b0", 3_752_694), ("b5", 84_708_694)])
+    ("b0", 3_752_694), ("b2", 27_461_974)])
 def test_variants_have_transformers_parameter_counts(variant, params):
   model = segformer.SegFormer(num_logits=150, variant=variant)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
@@ -160,24 +158,3 @@ def test_bad_segformer_config_fails_at_start(data_dir, key, value, message):
   config.model[key] = value
   with pytest.raises(config_lib.ConfigError, match=f"model.{key}=.*{message}"):
     config_lib.validate(config)
-
-
-def test_train_steps_update_every_parameter_and_the_decoders_statistics(data_dir, tmp_path):
-  config = _tiny_segformer_config(data_dir)
-  config_lib.validate(config)
-  trainer = train.Trainer(config, str(tmp_path))
-  state = trainer.initial_state()
-  before = jax.tree.map(np.asarray, (state.params, state.batch_stats))
-  rng = np.random.default_rng(0)
-  batch = parallel.host_batch_to_global(
-      {"image": rng.standard_normal((8, 32, 32, 3)).astype(np.float32),
-       "mask": rng.integers(0, config.dataset.num_classes, (8, 32, 32)).astype(np.int32),
-       "valid": np.ones((8,), bool)}, trainer.mesh)
-  losses = []
-  for _ in range(3):
-    state, metrics = trainer.train_step(state, batch)
-    losses.append(float(metrics["loss"]))
-  assert np.all(np.isfinite(losses))
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before,
-                         (state.params, state.batch_stats))
-  assert all(jax.tree.leaves(changed)), [k for k, v in _flat(changed[0]).items() if not v]
