@@ -101,7 +101,8 @@ def main(_):
         b, size, size, 3, segformer.architecture(config.model), models.num_logits(config)) / 1e9
   print(json.dumps({
       "benchmark": f"{_STEP.value}_step", "model": config.model.name, "batch_size": b, "image_size": size,
-      "width": config.model.width, "depth": config.model.get("depth"), "dtype": config.dtype,
+      "width": config.model.get("width"), "depth": config.model.get("depth"),
+      "variant": config.model.get("variant"), "dtype": config.dtype,
       "conv_backend": conv_ops.resolve(config.conv_backend),
       "step_ms": round(step_s * 1e3, 2), "img_per_s": round(b / step_s, 1),
       "compile_s": round(compile_s, 2), "gflops_per_step": round(flops / 1e9, 2),
