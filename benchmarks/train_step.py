@@ -10,8 +10,11 @@ and class ids; for detectors, NMS'd detections with pasted masks); host-side sco
 
 Reports the median step time after warm-up, images/s, compile time, XLA's
 FLOP count for the step (taken with XLA's convolutions, since XLA counts nothing in the oneDNN
-custom calls) and the achieved GFLOP/s, and for the U-Net the analytic
-count of its convolutions (benchmarks/flops.py) to cross-check XLA's.
+custom calls) and the achieved GFLOP/s, and for the U-Net and SegFormer the analytic
+count of their convolutions and matmuls (benchmarks/flops.py) to cross-check XLA's.
+
+  python benchmarks/train_step.py --config=configs/segformer.py:ade20k --config.dataset.root=x \
+      --config.batch_size=2 --steps=3      # SegFormer-B0 at 512 px
 """
 
 import json
@@ -38,8 +41,10 @@ from benchmarks import flops as flop_count
 from benchmarks import harness
 from benchmarks import synthetic_data
 from seg_jax import config as config_lib
+from seg_jax import models
 from seg_jax import parallel
 from seg_jax import train
+from seg_jax.models import segformer
 from seg_jax.ops import conv as conv_ops
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/unet.py", "Experiment config.")
@@ -87,18 +92,23 @@ def main(_):
       system_s.append(os.times().system - cpu_before.system)
   step_s = float(np.median(times))
   analytic = None
+  passes = 3 if _STEP.value == "train" else 1  # forward + both gradients; forward only
   if config.model.name == "unet" and not config.model.backbone:
-    passes = 3 if _STEP.value == "train" else 1  # forward + both gradients; forward only
     analytic = passes * flop_count.unet_forward_flops(
         b, size, 3, config.model.width, config.model.depth, models.num_logits(config)) / 1e9
+  elif config.model.name == "segformer":
+    analytic = passes * flop_count.segformer_forward_flops(
+        b, size, size, 3, segformer.architecture(config.model), models.num_logits(config)) / 1e9
   print(json.dumps({
       "benchmark": f"{_STEP.value}_step", "model": config.model.name, "batch_size": b, "image_size": size,
-      "width": config.model.width, "depth": config.model.get("depth"), "dtype": config.dtype,
+      "width": config.model.get("width"), "depth": config.model.get("depth"),
+      "variant": config.model.get("variant"), "dtype": config.dtype,
       "conv_backend": conv_ops.resolve(config.conv_backend),
       "step_ms": round(step_s * 1e3, 2), "img_per_s": round(b / step_s, 1),
       "compile_s": round(compile_s, 2), "gflops_per_step": round(flops / 1e9, 2),
       "achieved_gflops": round(flops / 1e9 / step_s, 1),
-      "analytic_gflops_per_step": analytic and round(analytic, 2),  # U-Net convs
+      # U-Net: its convs; SegFormer: its matmuls and convs (benchmarks/flops.py)
+      "analytic_gflops_per_step": analytic and round(analytic, 2),
       # Kernel work per step: first touches of freshly mapped host memory (seg_jax/host_memory.py).
       "page_faults_per_step": int(np.median(faults)),
       "system_cpu_ms": round(float(np.median(system_s)) * 1e3, 1),

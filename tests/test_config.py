@@ -28,6 +28,8 @@ def _config_files():
 
 # Config files whose dataset needs a folder the user names.
 NEEDS_ROOT = {"configs/unet_folder.py", "configs/unet_ade20k.py"}
+# The presets some config files take after a colon (`configs/deeplabv3plus.py:large`).
+PRESETS = ("large", "ade20k")
 
 
 @pytest.mark.parametrize("path", _config_files())
@@ -38,11 +40,11 @@ def test_every_config_file_loads_and_validates(path):
                                                 os.path.join(REPO, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  args = [""] + (["large", "dataset=folder"] if "arg" in inspect.signature(
+  args = [""] + (["large", "ade20k", "dataset=folder"] if "arg" in inspect.signature(
       module.get_config).parameters else [])
   for arg in args:
-    if arg == "large" and '"large"' not in inspect.getsource(module):
-      with pytest.raises(config_lib.ConfigError, match="config argument 'large': not one of"):
+    if arg in PRESETS and f'"{arg}"' not in inspect.getsource(module):
+      with pytest.raises(config_lib.ConfigError, match=f"config argument '{arg}': not one of"):
         module.get_config(arg)
       continue
     config = module.get_config(arg) if arg else module.get_config()
@@ -105,7 +107,7 @@ def test_another_models_key_says_whose_it_is(tmp_path):
       "model when loading the config: --config=FILE:model=mask_rcnn")
 
 
-@pytest.mark.parametrize("section,name", [("model", "segformer"), ("dataset", "kitti")])
+@pytest.mark.parametrize("section,name", [("model", "pspnet"), ("dataset", "kitti")])
 def test_unknown_model_or_dataset_name_is_one_line(section, name):
   with pytest.raises(config_lib.ConfigError,
                      match=rf"^config.{section}.name='{name}': unknown {section}; {section}s: "):

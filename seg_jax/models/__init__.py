@@ -14,6 +14,7 @@ import ml_collections
 from seg_jax import losses
 from seg_jax import registry
 from seg_jax.models import deeplab  # registers deeplabv3plus
+from seg_jax.models import segformer  # registers segformer
 from seg_jax.models import unet  # registers unet
 from seg_jax.models.detection import mask_rcnn  # registers mask_rcnn, faster_rcnn
 
