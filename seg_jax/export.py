@@ -82,9 +82,11 @@ class ExportError(Exception):
 
 # ---------------------------------------------------------------------------- traced (pure)
 
-def serving_probabilities(variables: dict, images: jax.Array, *, model: nn.Module) -> jax.Array:
-  """uint8 [N, H, W, C] images -> float32 [N, H, W, K] per-class probabilities."""
-  x = images.astype(jnp.float32) * (2.0 / DTYPE_MAX) - 1.0  # image_io.normalize
+def serving_probabilities(variables: dict, images: jax.Array, *, model: nn.Module,
+                          normalization: str = image_io.DEFAULT_NORMALIZATION) -> jax.Array:
+  """uint8 [N, H, W, C] images -> float32 [N, H, W, K] per-class probabilities; the model's
+  input is `normalization`'s (model.input_normalization), computed as image_io.normalize does."""
+  x = image_io.unit_to_model_input(images.astype(jnp.float32) / DTYPE_MAX, normalization)
   return predict.logits_to_probabilities(model.apply(variables, x, train=False))
 
 
@@ -105,7 +107,8 @@ def reflect_indices(size, padded, *, xp):
 
 
 def serving_outputs(variables: dict, images: jax.Array, *, model: nn.Module, multiple: int,
-                    min_size: int) -> tuple[jax.Array, jax.Array]:
+                    min_size: int, normalization: str = image_io.DEFAULT_NORMALIZATION
+                    ) -> tuple[jax.Array, jax.Array]:
   """(class ids int32 [N, H, W], probabilities float32 [N, H, W, K]) of uint8 images of any
   size: mirrored up to `padded_size` as predict pads an image smaller than a tile, cropped back."""
   height, width = images.shape[1:3]
@@ -114,7 +117,8 @@ def serving_outputs(variables: dict, images: jax.Array, *, model: nn.Module, mul
   cols = reflect_indices(width, padded_size(width, multiple=multiple, min_size=min_size),
                          xp=_JNP)
   padded = jnp.take(jnp.take(images, rows, axis=1), cols, axis=2)
-  probabilities = serving_probabilities(variables, padded, model=model)[:, :height, :width]
+  probabilities = serving_probabilities(variables, padded, model=model,
+                                        normalization=normalization)[:, :height, :width]
   return jnp.argmax(probabilities, axis=-1).astype(jnp.int32), probabilities
 
 
@@ -271,14 +275,17 @@ def _export_state(config, trainer):
 
 def export_variables(model: nn.Module, variables: dict, out_dir: str, *, channels: int,
                      multiple: int, min_size: int, image_size: int, info: dict,
-                     with_onnx: bool = True) -> dict:
+                     with_onnx: bool = True,
+                     normalization: str = image_io.DEFAULT_NORMALIZATION) -> dict:
   """Writes every artefact of `model` with `variables` into `out_dir` (which must exist) and
   checks each; returns the export.json record (also written)."""
   import tensorflow as tf
 
-  probabilities_fn = functools.partial(serving_probabilities, variables, model=model)
+  probabilities_fn = functools.partial(serving_probabilities, variables, model=model,
+                                       normalization=normalization)
   outputs_fn = jax.jit(functools.partial(serving_outputs, variables, model=model,
-                                         multiple=multiple, min_size=min_size))
+                                         multiple=multiple, min_size=min_size,
+                                         normalization=normalization))
   sizes = probe_sizes(image_size)
   # Dynamic runtimes see a batch of 2 at the first size and 1 at the second; TFLite's fixed
   # input, 2 images of the first size one by one.
@@ -355,7 +362,7 @@ def export_variables(model: nn.Module, variables: dict, out_dir: str, *, channel
 },
       "outputs": {OUTPUT_NAMES[0]: "int32 [N, H, W] class ids (first maximum of probabilities)",
                   OUTPUT_NAMES[1]: "float32 [N, H, W, K] per-class probabilities"},
-      "normalization": {"inside_the_graph": True, **image_io.NORMALIZATION},
+      "normalization": {"inside_the_graph": True, **image_io.NORMALIZATIONS[normalization]},
       "required_agreement": MIN_AGREEMENT,
       "artefacts": artefacts,
   }
@@ -387,6 +394,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   variables = jax.device_get(train.inference_variables(state))
   del state
   info = workdir_lib.read_model_info(workdir)
+  normalization = image_io.normalization_name(info.get("input_normalization"))
   info = {"model": info["model"], "class_names": info["class_names"],
           "num_classes": info["num_classes"], "step": step, "workdir": os.path.abspath(workdir)}
 
@@ -396,7 +404,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     description = export_variables(trainer.model, variables, partial, channels=trainer.channels,
                                    multiple=multiple, min_size=min_size, image_size=image_size,
-                                   info=info, with_onnx=config.export.onnx)
+                                   info=info, with_onnx=config.export.onnx,
+                                   normalization=normalization)
     seconds = time.perf_counter() - t0
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)

@@ -58,9 +58,9 @@ def exported(tmp_path_factory, data_dir):
     export.run(config, workdir)
   trainer = train.Trainer(config, workdir, with_data=False)
   try:
-    variables = jax.device_get(train.model_variables(trainer.latest_checkpoint_state()))
+    variables = jax.device_get(train.inference_variables(trainer.latest_checkpoint_state()))
   finally:
-    trainer.checkpoints.close()
+    trainer.close()
   return config, workdir, os.path.join(workdir, "export"), trainer.model, variables
 
 
@@ -211,3 +211,19 @@ def test_export_step_restores_that_checkpoint_or_names_the_saved_steps(exported)
   restored = jax.tree.leaves(jax.device_get(train.inference_variables(state)))
   for a, b in zip(restored, jax.tree.leaves(variables), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_graph_normalises_as_the_model_was_trained(exported):
+  """An ImageNet-normalised model (model.input_normalization='imagenet') gets ImageNet's mean and
+  std inside the exported function, computed here from the formula in numpy."""
+  _, _, _, model, variables = exported
+  images = _images(2, 32, 32, seed=5)
+  mean = np.array([0.485, 0.456, 0.406], np.float32)
+  std = np.array([0.229, 0.224, 0.225], np.float32)
+  for name, x in (("imagenet", (images / np.float32(255) - mean) / std),
+                  ("minus_one_to_one", images / np.float32(255) * 2 - 1)):
+    got = np.asarray(export.serving_probabilities(variables, images, model=model,
+                                                  normalization=name))
+    logits = np.asarray(model.apply(variables, x.astype(np.float32), train=False), np.float64)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=0, atol=1e-5)
