@@ -219,17 +219,21 @@ class Trainer:
       raise config_lib.ConfigError(str(e)) from e
     logging.info("Convolutions: %s (conv_backend=%s)", "oneDNN " + onednn.version()
                  if self.conv_backend == "onednn" else "XLA", config.conv_backend)
-    self.model = models.build_model(config)
-    self.task = tasks.get_task(config)
-    self.tx, self.schedule = make_optimizer(config)
     if with_data:
       self.builder, self.class_names = pipeline.prepare_dataset(config)
+      # Keys the data determines (coco_json: class count, budgets); `self.config` has them.
+      config = self.config = pipeline.resolve_config(config, self.builder)
       self.channels = pipeline.image_channels(config, self.builder)
+      self.category_ids = pipeline.category_ids(config, self.builder)
       pipeline.check_eval_split(config, self.builder)  # fail now, not at the first eval
     else:
       info = workdir_lib.read_model_info(workdir)
       self.builder, self.class_names = None, info["class_names"]
       self.channels = info["input_channels"]
+      self.category_ids = info.get("category_ids")
+    self.model = models.build_model(config)
+    self.task = tasks.get_task(config)
+    self.tx, self.schedule = make_optimizer(config)
     replicated = parallel.replicated(self.mesh)
     data = parallel.batch_sharding(self.mesh)
     self.train_step = jax.jit(
@@ -298,12 +302,25 @@ class Trainer:
     return self.initial_state()
 
   def evaluate(self, state: TrainState, split: str) -> tuple[dict, dict]:
-    """Dataset-level scores over every example of `split`, and arrays for the visuals."""
-    evaluator = self.task.evaluator(self.class_names)
+    """Dataset-level scores over every example of `split`, and arrays for the visuals.
+
+    Where the dataset scores in its own terms (coco_json), the detections go, on process 0,
+    to WORKDIR/eval/detections_step_<N>.json as well.
+    """
+    evaluator = self.task.evaluator(
+        self.class_names, reference=pipeline.eval_reference(self.config, self.builder, split))
     for batch in pipeline.eval_batches(self.config, self.builder, split):
+      ids = batch.pop("id")
       device_batch = parallel.host_batch_to_global(batch, self.mesh)
-      evaluator.add(batch, device_batch, self.eval_step(state, device_batch))
-    return evaluator.compute(), evaluator.visuals
+      evaluator.add({**batch, "id": ids}, device_batch, self.eval_step(state, device_batch))
+    scores = evaluator.compute()
+    if getattr(evaluator, "results", None) is not None and jax.process_index() == 0:
+      step = int(jax.device_get(state.step))
+      out_dir = os.path.join(self.workdir, "eval")
+      os.makedirs(out_dir, exist_ok=True)
+      workdir_lib.write_json(os.path.join(out_dir, f"detections_step_{step}.json"),
+                             evaluator.results)
+    return scores, evaluator.visuals
 
 
 def _write_visuals(trainer: Trainer, writer, visuals: dict, step: int) -> None:
@@ -362,8 +379,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   started = time.perf_counter()
   _prepare_workdir(workdir)
   trainer = Trainer(config, workdir)
+  config = trainer.config  # with what the data determines
   if jax.process_index() == 0:
-    workdir_lib.write(workdir, config, class_names=trainer.class_names, channels=trainer.channels)
+    workdir_lib.write(workdir, config, class_names=trainer.class_names, channels=trainer.channels,
+                      category_ids=trainer.category_ids)
   state = trainer.initial_state()
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:
@@ -485,6 +504,7 @@ def _prepare_workdir(workdir: str) -> None:
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """--mode=eval: restores the latest checkpoint and prints the per-class table."""
   trainer = Trainer(config, workdir)
+  config = trainer.config
   state = trainer.latest_checkpoint_state()
   scores, _ = trainer.evaluate(state, config.dataset.eval_split)
   print(f"{config.dataset.name}/{config.dataset.eval_split} at step "

@@ -64,7 +64,8 @@ class SemanticTask:
 
   # -------------------------------------------------------------- host
 
-  def evaluator(self, class_names: list[str]) -> "SemanticEvaluator":
+  def evaluator(self, class_names: list[str], reference=None) -> "SemanticEvaluator":
+    del reference  # semantic scores need only the eval batches
     return SemanticEvaluator(self.config.num_eval_visuals)
 
   def scalars(self, scores: dict, class_names: list[str]) -> dict[str, float]:
