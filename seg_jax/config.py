@@ -105,6 +105,7 @@ def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
   c.predict.tta = "none"            # flip test-time augmentation: none | hflip | hvflip
   c.predict.save_probabilities = False  # also write <stem>_probs.npy (float16 [H, W, classes])
   c.predict.batch_size = 4          # tiles per device call (a multiple of the device count)
+  c.predict.score_threshold = 0.5   # detectors: detections drawn and in <stem>_instances.png
   return c
 
 
@@ -328,6 +329,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("predict.tile_size", config.predict.tile_size,
           f"must be divisible by {multiple} ({reason})")
   registry.check_fraction("predict.overlap", config.predict.overlap, closed=False)
+  registry.check_fraction("predict.score_threshold", config.predict.score_threshold)
   if not isinstance(config.predict.save_probabilities, bool):
     _fail("predict.save_probabilities", config.predict.save_probabilities, "must be True or False")
 
