@@ -24,6 +24,10 @@ The work is split in two:
   files and writes the outputs as rows are finished, so host memory grows
   with tile_size x W x K, not H x W x K.
 
+Detectors (Mask R-CNN, Faster R-CNN; `run_detector`) write instead <stem>_overlay.png (masks,
+boxes, class names, scores), <stem>_instances.png (16-bit instance ids by score) and one
+detections.json (COCO results with the training data's category ids) for all images.
+
 Bad inputs: a file that cannot be read as an image, or whose channels the
 model cannot take, is skipped with a warning naming it; the other files are
 still segmented, and then `run` raises `DataError` naming the skipped files,
