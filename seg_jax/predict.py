@@ -373,6 +373,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 # ---------------------------------------------------------------------------- detectors
 
+# Detector overlays of smaller images are enlarged by an integer factor to at least this side.
+OVERLAY_MIN_SIDE = 512
+
 def instance_id_map(boxes: np.ndarray, scores: np.ndarray, masks: np.ndarray | None,
                     size: tuple[int, int]) -> np.ndarray:
   """uint16 [H, W] instance ids of one image's kept detections: id k + 1 is the k-th best
@@ -467,10 +470,12 @@ def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
         category_ids=category_ids):
       results.append({**result, "file_name": os.path.basename(path)})
     shown_kept = scores >= p.score_threshold
+    # Small images are drawn enlarged, so that labels of many small objects stay legible.
     picture = visualize.draw_instances(
         _display_rows(image, _display_range(image)), boxes[shown_kept], classes[shown_kept],
         num_classes=num_classes, masks=None if masks is None else masks[shown_kept],
-        scores=scores[shown_kept], class_names=trainer.class_names)
+        scores=scores[shown_kept], class_names=trainer.class_names,
+        scale=max(1, OVERLAY_MIN_SIDE // max(height, width)))
     _save_png(os.path.join(out_dir, f"{stem}_overlay.png"), picture)
     _save_png(os.path.join(out_dir, f"{stem}_instances.png"), instance_id_map(
         boxes[shown_kept], scores[shown_kept], None if masks is None else masks[shown_kept],

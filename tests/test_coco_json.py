@@ -338,7 +338,8 @@ def test_predict_on_a_detector_workdir_writes_overlays_instances_and_detections(
     stem = os.path.splitext(im["file_name"])[0]
     overlay = np.asarray(Image.open(out / f"{stem}_overlay.png"))
     instances = np.asarray(Image.open(out / f"{stem}_instances.png"))
-    assert overlay.shape == (SIZE, SIZE, 3) and instances.shape == (SIZE, SIZE)
+    scale = predict.OVERLAY_MIN_SIDE // SIZE                    # small images drawn enlarged
+    assert overlay.shape == (SIZE * scale, SIZE * scale, 3) and instances.shape == (SIZE, SIZE)
     assert instances.dtype == np.uint16 or Image.open(out / f"{stem}_instances.png").mode.startswith("I")
     mine = sorted((d for d in detections if d["file_name"] == im["file_name"]),
                   key=lambda d: -d["score"])
