@@ -60,4 +60,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.num_eval_visuals = 4
 
-  return config_lib.apply_options(config, options)
+  config = config_lib.apply_options(config, options)
+  if config.dataset.name == "coco_json":
+    # Your own COCO JSON (README "Your own instance data"): the budget of objects per image is
+    # the most any image holds, read from the JSONs (0 = from the data).
+    config.dataset.max_instances = 0
+  return config

@@ -103,3 +103,76 @@ class CocoEvaluator:
       for name, value in zip(STAT_NAMES, evaluator.stats[:6]):
         results[f"{prefix}_{name}"] = float(value) if value >= 0 else float("nan")
     return results
+
+
+# ---------------------------------------------------------------------------- the user's own terms
+
+def to_original_pixels(boxes: np.ndarray, masks: np.ndarray | None, *,
+                       original_size: tuple[int, int], shown_size: tuple[int, int]):
+  """Boxes `[K, 4]` (y0, x0, y1, x1) and binary masks `[K, H, W]` of an image shown at
+  `shown_size` (top-left of a padded canvas) -> the original image's pixels.
+
+  Boxes are scaled per axis and clipped to the image; masks are cropped to the shown region and
+  resampled to the original size by nearest neighbour (pixel centres), so an image shown at its
+  own size comes back unchanged.
+  """
+  (height, width), (shown_h, shown_w) = original_size, shown_size
+  scale = np.asarray([height / shown_h, width / shown_w] * 2, np.float64)
+  boxes = np.asarray(boxes, np.float64) * scale
+  boxes = np.clip(boxes, 0, [height, width, height, width])
+  if masks is None:
+    return boxes, None
+  masks = np.asarray(masks)[:, :shown_h, :shown_w]
+  if (shown_h, shown_w) != (height, width):
+    rows = np.minimum(((np.arange(height) + 0.5) * shown_h / height).astype(int), shown_h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * shown_w / width).astype(int), shown_w - 1)
+    masks = masks[:, rows][:, :, cols]
+  return boxes, masks
+
+
+def results_in_original_terms(boxes, scores, classes, valid, masks, *, image_id: int,
+                              original_size: tuple[int, int], shown_size: tuple[int, int],
+                              category_ids: Sequence[int]) -> list[dict]:
+  """One image's fixed-size detections as COCO results: the original image id, pixels and
+  category ids (class c is category_ids[c - 1]), masks as RLE (counts as str)."""
+  keep = np.asarray(valid, bool)
+  boxes, masks = to_original_pixels(
+      np.asarray(boxes)[keep], None if masks is None else np.asarray(masks)[keep] >= 0.5,
+      original_size=original_size, shown_size=shown_size)
+  rles = _rle(masks) if masks is not None else [None] * len(boxes)
+  out = []
+  for box, score, cls, rle in zip(_xywh(boxes), np.asarray(scores)[keep],
+                                  np.asarray(classes)[keep], rles):
+    result = {"image_id": image_id, "category_id": int(category_ids[int(cls) - 1]),
+              "bbox": [round(float(v), 3) for v in box], "score": float(score)}
+    if rle is not None:
+      result["segmentation"] = rle
+    out.append(result)
+  return out
+
+
+def load_ground_truth(json_path: str) -> coco_api.COCO:
+  with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints its progress
+    return coco_api.COCO(json_path)
+
+
+def score_results(json_path: str, results: list[dict], *, with_masks: bool = True
+                  ) -> dict[str, float]:
+  """COCO box (and mask) AP of COCO-format `results` against the annotation file `json_path`,
+  by pycocotools' COCOeval over every image of the file; names as `CocoEvaluator.compute`."""
+  gt = load_ground_truth(json_path)
+  scores = {}
+  for kind, prefix in (("bbox", "box"), ("segm", "mask")):
+    if kind == "segm" and not with_masks:
+      continue
+    if not results:
+      scores.update({f"{prefix}_{n}": 0.0 for n in STAT_NAMES})
+      continue
+    with contextlib.redirect_stdout(io.StringIO()):
+      evaluator = cocoeval.COCOeval(gt, gt.loadRes([dict(r) for r in results]), kind)
+      evaluator.evaluate()
+      evaluator.accumulate()
+      evaluator.summarize()
+    for name, value in zip(STAT_NAMES, evaluator.stats[:6]):
+      scores[f"{prefix}_{name}"] = float(value) if value >= 0 else float("nan")
+  return scores

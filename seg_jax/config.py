@@ -141,6 +141,7 @@ def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
   # tile so, and their class ids then match. 0 = predict.tile_size.
   c.export.min_size = 0
   c.export.onnx = True              # False: no model.onnx (tf2onnx cannot convert DeepLabv3+)
+  c.predict.score_threshold = 0.5   # detectors: detections drawn and in <stem>_instances.png
   return c
 
 
@@ -157,11 +158,13 @@ def _dataset_section(name: str) -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
   d.name = name
   d.data_dir = ""           # TFDS data dir; '' = TFDS default (~/tensorflow_datasets)
-  d.num_classes = entry.default_num_classes or 2   # including background (class 0)
+  # including background (class 0); 0 = from the data (datasets with `facts`)
+  d.num_classes = 2 if entry.default_num_classes is None else entry.default_num_classes
   d.ignore_label = 255      # never counts in loss or metrics
   d.image_size = 64         # training crop size (and the shapes dataset's generated size)
   d.eval_split = entry.eval_split
-  d.max_instances = 16      # instance tasks: objects per image (padded; more is an error)
+  d.max_instances = 16      # instance tasks: objects per image (padded; more is an error);
+                            # 0 = the most any image holds (datasets with `facts`: coco_json)
   d.resize = 0              # 0 = native size; else the shorter side is resized to this
                             # (train and eval) before cropping / padding
   # Eval batches images of different sizes by padding each (ignore label) to one canvas per split:
@@ -326,10 +329,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choice("on_nonfinite", ON_NONFINITE)
   choice("predict.tta", TTA_MODES)
   choice("checkpoint.best_mode", BEST_MODES)
+  from_data = registry.dataset_entry(config.dataset.name).facts is not None
   for key in ("batch_size", "num_train_steps", "log_every_steps", "eval_every_steps",
-              "checkpoint_every_steps", "keep_checkpoints", "dataset.num_classes",
-              "dataset.image_size", "optimizer.learning_rate"):
+              "checkpoint_every_steps", "keep_checkpoints", "dataset.image_size",
+              "optimizer.learning_rate"):
     positive(key)
+  positive("dataset.num_classes", allow_zero=from_data)
   for key in ("num_eval_visuals", "check_finite_every_steps", "max_consecutive_skips",
               "profile_steps", "optimizer.weight_decay", "optimizer.warmup_steps",
               "optimizer.grad_clip_norm", "loss.dice_smooth", "loss.focal_gamma",
@@ -356,7 +361,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         if registry.dataset_entry(n).has_instances]
       _fail("dataset.name", config.dataset.name, f"model.name={config.model.name!r} needs "
             f"instance annotations; datasets with them: {', '.join(with_instances)}")
-    registry.check_int("dataset.max_instances", config.dataset.max_instances)
+    registry.check_int("dataset.max_instances", config.dataset.max_instances,
+                       minimum=0 if from_data else 1)
   elif dataset_entry.decode is not None:
     _fail("dataset.name", config.dataset.name, f"{config.dataset.name} is read as instances, for "
           f"the detectors; model.name={config.model.name!r}")
@@ -381,6 +387,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.export.image_size % multiple:
     _fail("export.image_size", config.export.image_size,
           f"must be divisible by {multiple} ({reason}), or 0 for dataset.image_size")
+  registry.check_fraction("predict.score_threshold", config.predict.score_threshold)
   if not isinstance(config.predict.save_probabilities, bool):
     _fail("predict.save_probabilities", config.predict.save_probabilities, "must be True or False")
 

@@ -24,6 +24,10 @@ The work is split in two:
   files and writes the outputs as rows are finished, so host memory grows
   with tile_size x W x K, not H x W x K.
 
+Detectors (Mask R-CNN, Faster R-CNN; `run_detector`) write instead <stem>_overlay.png (masks,
+boxes, class names, scores), <stem>_instances.png (16-bit instance ids by score) and one
+detections.json (COCO results with the training data's category ids) for all images.
+
 Bad inputs: a file that cannot be read as an image, or whose channels the
 model cannot take, is skipped with a warning naming it; the other files are
 still segmented, and then `run` raises `DataError` naming the skipped files,
@@ -302,10 +306,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from seg_jax import train  # imports TensorFlow (datasets); keep this module light without it
   p = config.predict
-  if config_lib.task(config) != "semantic":
-    raise config_lib.ConfigError(f"--mode=predict segments images with semantic models; "
-                                 f"model.name={config.model.name!r} is a detector (its eval "
-                                 "pictures are in WORKDIR/visuals)")
+  if config_lib.task(config) == "instance":
+    return run_detector(config, workdir)
   if not p.input:
     raise config_lib.ConfigError("config.predict.input='': name the images to segment, e.g. "
                                  "--config.predict.input='images/*.png'")
@@ -371,3 +373,128 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise DataError(f"{len(skipped)} of {len(files)} input images skipped: {skipped[0]}{more}")
   return {"predicted": predicted, "skipped": skipped, "output": out_dir, "step": step,
           "seconds_per_image": per_image}
+
+
+# ---------------------------------------------------------------------------- detectors
+
+# Detector overlays of smaller images are enlarged by an integer factor to at least this side.
+OVERLAY_MIN_SIDE = 512
+
+def instance_id_map(boxes: np.ndarray, scores: np.ndarray, masks: np.ndarray | None,
+                    size: tuple[int, int]) -> np.ndarray:
+  """uint16 [H, W] instance ids of one image's kept detections: id k + 1 is the k-th best
+  score, 0 is background; where detections overlap the better one wins. Without masks
+  (Faster R-CNN) the boxes are filled."""
+  height, width = size
+  ids = np.zeros((height, width), np.uint16)
+  order = np.argsort(-np.asarray(scores), kind="stable")
+  for rank in range(len(order) - 1, -1, -1):   # worst first, so the best is painted last
+    k = order[rank]
+    if masks is not None:
+      ids[np.asarray(masks[k]).astype(bool)] = rank + 1
+    else:
+      y0, x0, y1, x1 = np.round(boxes[k]).astype(int)
+      ids[max(y0, 0):y1, max(x0, 0):x1] = rank + 1
+  return ids
+
+
+def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=predict with a Mask R-CNN / Faster R-CNN workdir.
+
+  Every image is shown to the detector as evaluation shows it (dataset.resize, padded to a
+  multiple of dataset.eval_pad_multiple; one compiled step per canvas size) and the
+  detections are mapped back to its own pixels. Writes per image <stem>_overlay.png
+  (detections of score >= predict.score_threshold: masks, boxes, class names, scores) and
+  <stem>_instances.png (uint16 ids by score, 0 = background), and for all images one
+  detections.json in COCO results format (every detection the model keeps; category ids of the
+  training data, e.g. the training JSON's; image_id = position in the sorted inputs, 1-based,
+  with the file in 'file_name'). Bad files are skipped as in `run`.
+  """
+  import tensorflow as tf
+  from seg_jax import coco_eval
+  from seg_jax import train
+  from seg_jax.data import pipeline
+  from seg_jax.data import transforms
+  p, d = config.predict, config.dataset
+  if not p.input:
+    raise config_lib.ConfigError("config.predict.input='': name the images, e.g. "
+                                 "--config.predict.input='images/*.png'")
+  if jax.process_count() > 1:
+    raise config_lib.ConfigError("--mode=predict runs in a single process (jax.process_count() "
+                                 f"is {jax.process_count()})")
+  files = find_inputs(p.input)
+  _check_unique_stems(files)
+  out_dir = os.path.expanduser(p.output) if p.output else os.path.join(workdir, "predictions")
+  os.makedirs(out_dir, exist_ok=True)
+  trainer = train.Trainer(config, workdir, with_data=False)
+  try:
+    state = trainer.latest_checkpoint_state()
+  finally:
+    trainer.checkpoints.close()
+  step = int(jax.device_get(state.step))
+  state = state.replace(opt_state=None)  # the optimiser state is not needed
+  num_classes = d.num_classes
+  category_ids = trainer.category_ids or list(range(1, num_classes))
+  batch_rows = jax.device_count()
+  detect = jax.jit(functools.partial(train.eval_step, model=trainer.model, config=config))
+  fixed_canvas = tuple(d.eval_size) if tuple(d.eval_size) != (0, 0) else None
+
+  results, predicted, skipped = [], [], []
+  t0 = time.perf_counter()
+  bar = _progress_bar(files)
+  for number, path in enumerate(bar, start=1):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    try:
+      image = match_channels(image_io.read_image(path), trainer.channels, path)
+    except DataError as e:
+      message = " ".join(str(e).split())
+      bar.write(f"warning: skipped {message}", file=sys.stderr)
+      skipped.append(message)
+      continue
+    height, width = image.shape[:2]
+    if fixed_canvas:
+      canvas = fixed_canvas
+    else:
+      resized = transforms.resized_shape(height, width, d.resize) if d.resize else (height, width)
+      canvas = tuple(-(-v // d.eval_pad_multiple) * d.eval_pad_multiple for v in resized)
+    view, _ = transforms.eval_view(tf.constant(image), tf.zeros((height, width), tf.int32),
+                                   canvas=canvas, ignore_label=d.ignore_label, resize=d.resize)
+    batch = np.zeros((batch_rows, *canvas, image.shape[-1]), np.float32)
+    batch[0] = view.numpy()
+    out = jax.tree.map(lambda x: np.asarray(x)[0], detect(state, {"image": batch}))
+    shown = pipeline.shown_shape(height, width, canvas, d.resize)
+    keep = out["valid"].astype(bool)
+    boxes, masks = coco_eval.to_original_pixels(
+        out["boxes"][keep], out["masks"][keep] if "masks" in out else None,
+        original_size=(height, width), shown_size=shown)
+    scores, classes = out["scores"][keep], out["classes"][keep]
+    for result in coco_eval.results_in_original_terms(
+        out["boxes"], out["scores"], out["classes"], out["valid"], out.get("masks"),
+        image_id=number, original_size=(height, width), shown_size=shown,
+        category_ids=category_ids):
+      results.append({**result, "file_name": os.path.basename(path)})
+    shown_kept = scores >= p.score_threshold
+    # Small images are drawn enlarged, so that labels of many small objects stay legible.
+    picture = visualize.draw_instances(
+        _display_rows(image, _display_range(image)), boxes[shown_kept], classes[shown_kept],
+        num_classes=num_classes, masks=None if masks is None else masks[shown_kept],
+        scores=scores[shown_kept], class_names=trainer.class_names,
+        scale=max(1, OVERLAY_MIN_SIDE // max(height, width)))
+    _save_png(os.path.join(out_dir, f"{stem}_overlay.png"), picture)
+    _save_png(os.path.join(out_dir, f"{stem}_instances.png"), instance_id_map(
+        boxes[shown_kept], scores[shown_kept], None if masks is None else masks[shown_kept],
+        (height, width)))
+    predicted.append(path)
+  bar.close()
+  from seg_jax import workdir as workdir_lib
+  workdir_lib.write_json(os.path.join(out_dir, "detections.json"), results)
+  seconds = time.perf_counter() - t0
+  print(f"detected objects in {len(predicted)} of {len(files)} images with the step-{step} "
+        f"checkpoint of {workdir} in {seconds:.1f} s; {len(results)} detections in "
+        f"{os.path.join(out_dir, 'detections.json')}; pictures in {out_dir}")
+  if skipped:
+    print(f"skipped {len(skipped)}:\n" + "\n".join(f"  {m}" for m in skipped))
+    more = f" (and {len(skipped) - 1} more, listed above)" if len(skipped) > 1 else ""
+    raise DataError(f"{len(skipped)} of {len(files)} input images skipped: {skipped[0]}{more}")
+  return {"predicted": predicted, "skipped": skipped, "output": out_dir, "step": step,
+          "detections": len(results)}

@@ -87,6 +87,14 @@ class DatasetEntry:
   feature_keys: tuple[str, str, str] = ("image", "mask", "id")
   label_table: Callable[[ml_collections.ConfigDict], Any] | None = None
   decode: Callable[[dict, int], dict] | None = None
+  # prepared builder -> what the data determines: 'num_classes' (with background),
+  # 'max_objects' (most objects in one image of any split) and, where the labels have their
+  # own ids, 'category_ids' (class c is category_ids[c - 1]). With it, num_classes and
+  # max_instances may be 0 = "from the data" (`pipeline.resolve_config`).
+  facts: Callable[[Any], dict[str, Any]] | None = None
+  # (prepared builder, split) -> what scoring in the dataset's own terms needs (coco_json:
+  # its `EvalReference`: the eval JSON, original image ids, sizes and category ids)
+  eval_reference: Callable[[Any, str], Any] | None = None
   check: Callable[[ml_collections.ConfigDict], None] = _no_check
   description: str = ""
 

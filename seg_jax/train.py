@@ -341,22 +341,26 @@ class Trainer:
       raise config_lib.ConfigError(str(e)) from e
     logging.info("Convolutions: %s (conv_backend=%s)", "oneDNN " + onednn.version()
                  if self.conv_backend == "onednn" else "XLA", config.conv_backend)
-    self.model = models.build_model(config)
-    self.task = tasks.get_task(config)
-    self.tx, self.schedule = make_optimizer(config)
     if with_data:
       self.builder, self.class_names = pipeline.prepare_dataset(config)
+      # Keys the data determines (coco_json: class count, budgets); `self.config` has them.
+      config = self.config = pipeline.resolve_config(config, self.builder)
       self.channels = pipeline.image_channels(config, self.builder)
       wanted = image_io.NORMALIZATIONS[config.model.input_normalization].get("channels")
       if wanted and self.channels != wanted:
         raise config_lib.ConfigError(
             f"config.model.input_normalization={config.model.input_normalization!r} needs "
             f"{wanted}-channel images; dataset {config.dataset.name} has {self.channels}")
+      self.category_ids = pipeline.category_ids(config, self.builder)
       pipeline.check_eval_split(config, self.builder)  # fail now, not at the first eval
     else:
       info = workdir_lib.read_model_info(workdir)
       self.builder, self.class_names = None, info["class_names"]
       self.channels = info["input_channels"]
+      self.category_ids = info.get("category_ids")
+    self.model = models.build_model(config)
+    self.task = tasks.get_task(config)
+    self.tx, self.schedule = make_optimizer(config)
     replicated = parallel.replicated(self.mesh)
     data = parallel.batch_sharding(self.mesh)
     self.train_step = jax.jit(
@@ -477,16 +481,27 @@ class Trainer:
         manager.wait_until_finished()
         manager.close()
 
-  def evaluate(self, variables: dict, split: str) -> tuple[dict, dict]:
+  def evaluate(self, variables: dict, split: str, *, step: int | None = None
+               ) -> tuple[dict, dict]:
     """Dataset-level scores of the model `variables` over every example of `split`, and arrays
     for the visuals. The scores' "per_image" entry, where the task has one, holds per-image
-    results (`write_per_image`)."""
-    evaluator = self.task.evaluator(self.class_names)
+    results (`write_per_image`). Where the dataset scores in its own terms (coco_json), the
+    detections of the checkpoint at `step` also go, on process 0, to
+    WORKDIR/eval/detections_step_<step>.json."""
+    evaluator = self.task.evaluator(
+        self.class_names, reference=pipeline.eval_reference(self.config, self.builder, split))
     for batch in pipeline.eval_batches(self.config, self.builder, split, with_ids=True):
       ids = batch.pop("id")
       device_batch = parallel.host_batch_to_global(batch, self.mesh)
       evaluator.add(batch, device_batch, self.eval_step(variables, device_batch), ids=ids)
-    return evaluator.compute(), evaluator.visuals
+    scores = evaluator.compute()
+    if (step is not None and getattr(evaluator, "results", None) is not None
+        and jax.process_index() == 0):
+      out_dir = os.path.join(self.workdir, "eval")
+      os.makedirs(out_dir, exist_ok=True)
+      workdir_lib.write_json(os.path.join(out_dir, f"detections_step_{step}.json"),
+                             evaluator.results)
+    return scores, evaluator.visuals
 
 
 def write_per_image(trainer: Trainer, scores: dict, step: int) -> str | None:
@@ -559,8 +574,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   started = time.perf_counter()
   _prepare_workdir(workdir)
   trainer = Trainer(config, workdir)
+  config = trainer.config  # with what the data determines
   if jax.process_index() == 0:
-    workdir_lib.write(workdir, config, class_names=trainer.class_names, channels=trainer.channels)
+    workdir_lib.write(workdir, config, class_names=trainer.class_names, channels=trainer.channels,
+                      category_ids=trainer.category_ids)
   state = trainer.initial_state()
   logging.info("%s", describe_parameter_groups(config, state.params))
   start_step = int(jax.device_get(state.step))
@@ -655,7 +672,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           return {"preempted_at_step": float(step)}
 
       if start_step >= total_steps:
-        scores, visuals = trainer.evaluate(inference_variables(state), config.dataset.eval_split)
+        scores, visuals = trainer.evaluate(inference_variables(state), config.dataset.eval_split,
+                                           step=start_step)
         final_scalars = trainer.task.scalars(scores, trainer.class_names)
         logging.info("eval at step %d:\n%s", start_step, trainer.task.table(scores, trainer.class_names))
     finally:
@@ -677,7 +695,7 @@ def _evaluate_and_record(trainer: Trainer, state: TrainState, step: int, writer,
   """
   config, t0 = trainer.config, time.monotonic()
   split = config.dataset.eval_split
-  scores, visuals = trainer.evaluate(inference_variables(state), split)
+  scores, visuals = trainer.evaluate(inference_variables(state), split, step=step)
   scalars = trainer.task.scalars(scores, trainer.class_names)
   record = dict(scalars)
   if with_raw and state.ema_params:
@@ -723,12 +741,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   prints the per-class table of its inference weights (the EMA if the run kept one, with the
   raw weights' headline beside it)."""
   trainer = Trainer(config, workdir)
+  config = trainer.config  # with what the data determines
   try:
     state = trainer.inference_state()
-    scores, _ = trainer.evaluate(inference_variables(state), config.dataset.eval_split)
+    step = int(jax.device_get(state.step))
+    scores, _ = trainer.evaluate(inference_variables(state), config.dataset.eval_split, step=step)
     which = " (EMA weights)" if state.ema_params else ""
-    print(f"{config.dataset.name}/{config.dataset.eval_split} at step "
-          f"{int(jax.device_get(state.step))}{which}:\n"
+    print(f"{config.dataset.name}/{config.dataset.eval_split} at step {step}{which}:\n"
           f"{trainer.task.table(scores, trainer.class_names)}")
     if state.ema_params:
       raw, _ = trainer.evaluate(model_variables(state), config.dataset.eval_split)

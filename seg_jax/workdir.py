@@ -35,8 +35,9 @@ class WorkdirError(OSError):
 
 
 def write(workdir: str, config: ml_collections.ConfigDict, *, class_names: list[str],
-          channels: int) -> None:
-  """Writes config.json and model.json (call on process 0 only)."""
+          channels: int, category_ids: list[int] | None = None) -> None:
+  """Writes config.json and model.json (call on process 0 only). `category_ids`: the
+  dataset's own label ids (coco_json), class c being category_ids[c - 1]."""
   entry = registry.model_entry(config.model.name)
   info = {
       "model": config.model.name,
@@ -50,11 +51,14 @@ def write(workdir: str, config: ml_collections.ConfigDict, *, class_names: list[
       "input_multiple": models.input_multiple(config),
       "training_image_size": config.dataset.image_size,
   }
-  _write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
-  _write_json(os.path.join(workdir, MODEL_FILE), info)
+  if category_ids is not None:
+    info["category_ids"] = [int(c) for c in category_ids]
+  write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+  write_json(os.path.join(workdir, MODEL_FILE), info)
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any) -> None:
+  """`value` as JSON at `path`, written under a temporary name and renamed when complete."""
   with open(path + ".partial", "w") as f:
     json.dump(value, f, indent=2, default=_json_default)
     f.write("\n")

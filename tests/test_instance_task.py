@@ -270,14 +270,6 @@ def test_eval_mode_of_a_detector_workdir_without_config_prints_its_coco_table(de
         assert float(printed) == pytest.approx(want, abs=5e-5), (kind, stat, printed, want)
 
 
-def test_predict_mode_refuses_a_detector(detector_config, tmp_path):
-  from seg_jax import predict
-  config = tiny_detector_config(detector_config.dataset.data_dir)
-  config.predict.input = str(tmp_path)
-  with pytest.raises(config_lib.ConfigError, match="detector"):
-    predict.run(config, str(tmp_path))
-
-
 _RUN_ON_FOUR = """
 import json, sys
 import jax

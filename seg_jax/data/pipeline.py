@@ -71,6 +71,62 @@ def prepare_dataset(config: ml_collections.ConfigDict) -> tuple[tfds.core.Datase
   return entry.prepare(config, data_dir)
 
 
+def resolve_config(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
+                   ) -> ml_collections.ConfigDict:
+  """`config` with what the prepared data determines (datasets with `facts`: coco_json).
+
+  dataset.num_classes 0 -> the data's class count (another value that disagrees is a
+  ConfigError); dataset.max_instances 0 -> the most objects one image holds (a smaller
+  explicit value is a DataError naming the key). Detection budgets that would cap the
+  crowdest image (model.detections_per_image, model.rpn_post_nms_topk) are raised to it,
+  with a warning naming the key. Other datasets: `config` unchanged.
+  """
+  entry = registry.dataset_entry(config.dataset.name)
+  if entry.facts is None:
+    return config
+  facts = entry.facts(builder)
+  out = ml_collections.ConfigDict(config.to_dict())
+  d, m = out.dataset, out.model
+  if d.num_classes == 0:
+    d.num_classes = facts["num_classes"]
+  elif d.num_classes != facts["num_classes"]:
+    registry.fail("dataset.num_classes", d.num_classes,
+                  f"the training data has {facts['num_classes'] - 1} categories, so "
+                  f"{facts['num_classes']} classes with background; leave it 0 (from the data)")
+  most = max(1, facts["max_objects"])
+  if registry.model_entry(m.name).task == "instance":
+    if d.max_instances == 0:
+      d.max_instances = most
+    elif d.max_instances < most:
+      raise DataError(f"dataset.max_instances={d.max_instances}, but an image of {d.name} holds "
+                      f"{most} objects: raise it, or set it to 0 (from the data)")
+    for key, need in (("detections_per_image", most), ("rpn_post_nms_topk", 2 * most)):
+      if key in m and m[key] < need:
+        from absl import logging
+        logging.warning("model.%s raised from %d to %d: an image of %s holds %d objects",
+                        key, m[key], need, d.name, most)
+        m[key] = need
+  return out
+
+
+def category_ids(config: ml_collections.ConfigDict, builder) -> list[int] | None:
+  """The dataset's own label ids (class c is ids[c - 1]) where it has them (coco_json), else None."""
+  entry = registry.dataset_entry(config.dataset.name)
+  return entry.facts(builder).get("category_ids") if entry.facts is not None else None
+
+
+def eval_reference(config: ml_collections.ConfigDict, builder, split: str):
+  """What scoring `split` in the dataset's own terms needs (coco_json), with the eval canvas and
+  resize filled in; None for datasets scored on the eval batches alone."""
+  entry = registry.dataset_entry(config.dataset.name)
+  if entry.eval_reference is None:
+    return None
+  import dataclasses
+  return dataclasses.replace(entry.eval_reference(builder, split),
+                             canvas=eval_canvas(config, builder, split),
+                             resize=config.dataset.resize)
+
+
 def _feature_keys(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
   """(image, mask, id) feature names of the stored examples."""
   return registry.dataset_entry(config.dataset.name).feature_keys
@@ -195,6 +251,8 @@ def _check_instances(batch: dict[str, np.ndarray], max_instances: int) -> None:
 
 def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict, *,
                   with_ids: bool = False) -> Iterator[dict]:
+  """Checked numpy batches; with `with_ids`, 'id' holds the examples' ids as str ('' = padding),
+  to be popped before the batch goes to the devices."""
   for batch in tfds.as_numpy(ds.with_options(_input_options())):
     _check_labels(batch, config.dataset.num_classes, config.dataset.ignore_label)
     if "num_instances" in batch:
@@ -239,6 +297,20 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   return _host_batches(ds, config)
 
 
+def shown_shape(height: int, width: int, canvas: tuple[int, int], resize: int) -> tuple[int, int]:
+  """(height, width) an image of this size has inside its eval canvas (after `dataset.resize`
+  and the downscale-to-fit of `transforms.pad_to_canvas`): the same integer arithmetic, on the
+  host, so that eval outputs map back to the original pixels."""
+  if resize:
+    height, width = transforms.resized_shape(height, width, resize)
+  ch, cw = canvas
+  if height > ch or width > cw:
+    if height * cw >= width * ch:
+      return ch, max(width * ch // height, 1)
+    return max(height * cw // width, 1), cw
+  return height, width
+
+
 def num_eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
                      split: str) -> int:
   """Batches per host so that the host with the most examples sees all of them."""
@@ -280,7 +352,7 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   padding = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in ds.element_spec.items()}
   padding.update({
       "mask": tf.fill(ds.element_spec["mask"].shape, tf.constant(d.ignore_label, tf.int32)),
-      "valid": tf.constant(False), "id": tf.constant("padding")})
+      "valid": tf.constant(False), "id": tf.constant("")})
   padding = tf.data.Dataset.from_tensors(padding).repeat()
   ds = ds.concatenate(padding).take(num_batches * host_batch)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

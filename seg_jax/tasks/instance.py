@@ -20,6 +20,7 @@ from seg_jax import coco_eval
 from seg_jax import parallel
 from seg_jax import registry
 from seg_jax import visualize
+from seg_jax.data import pipeline
 from seg_jax.data import transforms
 from seg_jax.models.detection import mask_rcnn
 from seg_jax.models.detection import postprocess
@@ -64,10 +65,14 @@ class InstanceTask:
 
   # -------------------------------------------------------------- host
 
-  def evaluator(self, class_names: list[str]) -> "InstanceEvaluator":
-    """class_names[0] is the background; the detector's class c is class_names[c]."""
+  def evaluator(self, class_names: list[str], reference=None) -> "InstanceEvaluator":
+    """class_names[0] is the background; the detector's class c is class_names[c].
+
+    With a `reference` (coco_json's `EvalReference`), detections are mapped back to the
+    original images, ids and category ids and scored against the user's own eval JSON.
+    """
     return InstanceEvaluator(class_names[1:], with_masks=self.with_masks,
-                             num_visuals=self.config.num_eval_visuals)
+                             num_visuals=self.config.num_eval_visuals, reference=reference)
 
   def scalars(self, scores: dict, class_names: list[str]) -> dict[str, float]:
     return {f"eval/{k}": float(v) for k, v in scores.items()}
@@ -114,22 +119,49 @@ def gather(tree):
 
 
 class InstanceEvaluator:
-  """Collects every image's ground truth and detections, then COCO AP over the split."""
+  """Collects every image's ground truth and detections, then COCO AP over the split.
 
-  def __init__(self, class_names: list[str], *, with_masks: bool, num_visuals: int):
+  With a `reference`, the detections are instead kept in the COCO results format of the
+  user's eval JSON (`results`: original image ids, category ids and pixels, RLE masks) and
+  scored against that JSON itself (`coco_eval.score_results`).
+  """
+
+  def __init__(self, class_names: list[str], *, with_masks: bool, num_visuals: int,
+               reference=None):
     self.coco = coco_eval.CocoEvaluator(class_names, with_masks=with_masks)
     self.with_masks = with_masks
     self.num_visuals = num_visuals
     self.visuals = None
+    self.reference = reference
+    self.results = [] if reference is not None else None
+    if reference is not None:
+      self._ids = sorted(reference.image_ids)
+      self._index = {example_id: k for k, example_id in enumerate(self._ids)}
 
   def add(self, host_batch: dict, device_batch: dict, outputs: dict, *, ids=None) -> None:
-    """`ids` unused: per-image AP is not computed (pycocotools scores the split)."""
+    """`ids` (the examples' ids, '' for padding) place the detections in the user's own terms
+    when the evaluator has a `reference`; per-image AP is not computed (pycocotools scores the
+    split)."""
     want_visuals = self.visuals is None and self.num_visuals
     # Images only for the pictures: the COCO scores need none.
     truth = gather({k: device_batch[k] for k in GT_KEYS + (("image",) if want_visuals else ())})
     det = gather(outputs)
     image_size = device_batch["image"].shape[1:3]
-    for i in np.nonzero(truth["valid"])[0]:
+    if self.reference is not None:
+      index = np.asarray([self._index.get(str(i), -1) for i in ids], np.int32)
+      index = (index if jax.process_count() == 1
+               else np.asarray(multihost_utils.process_allgather(index, tiled=True)))
+      for i in np.nonzero(truth["valid"])[0]:
+        example_id = self._ids[index[i]]
+        self.results += coco_eval.results_in_original_terms(
+            det["boxes"][i], det["scores"][i], det["classes"][i], det["valid"][i],
+            det["masks"][i] if self.with_masks else None,
+            image_id=self.reference.image_ids[example_id],
+            original_size=self.reference.sizes[example_id],
+            shown_size=pipeline.shown_shape(*self.reference.sizes[example_id],
+                                            self.reference.canvas, self.reference.resize),
+            category_ids=self.reference.category_ids)
+    for i in np.nonzero(truth["valid"])[0] if self.reference is None else ():
       self.coco.add(truth["boxes"][i], truth["classes"][i], truth["classes"][i] > 0,
                     det["boxes"][i], det["scores"][i], det["classes"][i], det["valid"][i],
                     image_size=image_size,
@@ -141,4 +173,7 @@ class InstanceEvaluator:
                       **{f"det_{k}": v[:n] for k, v in det.items()}}
 
   def compute(self) -> dict:
+    if self.reference is not None:
+      return coco_eval.score_results(self.reference.json_path, self.results,
+                                     with_masks=self.with_masks)
     return self.coco.compute()

@@ -125,7 +125,8 @@ class SemanticTask:
 
   # -------------------------------------------------------------- host
 
-  def evaluator(self, class_names: list[str]) -> "SemanticEvaluator":
+  def evaluator(self, class_names: list[str], reference=None) -> "SemanticEvaluator":
+    del reference  # semantic scores need only the eval batches
     return SemanticEvaluator(self.config.num_eval_visuals)
 
   def write_per_image(self, path: str, table: dict, class_names: list[str]) -> None:
