@@ -428,11 +428,13 @@ def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   trainer = train.Trainer(config, workdir, with_data=False)
   try:
-    state = trainer.latest_checkpoint_state()
+    state = trainer.inference_state()  # config.checkpoint.use: latest, best or a step
   finally:
-    trainer.checkpoints.close()
+    trainer.close()
   step = int(jax.device_get(state.step))
-  state = state.replace(opt_state=None)  # the optimiser state is not needed
+  variables = train.inference_variables(state)
+  del state  # the optimiser state is not needed
+  normalization = workdir_lib.read_model_info(workdir)["input_normalization"]
   num_classes = d.num_classes
   category_ids = trainer.category_ids or list(range(1, num_classes))
   batch_rows = jax.device_count()
@@ -458,10 +460,11 @@ def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
       resized = transforms.resized_shape(height, width, d.resize) if d.resize else (height, width)
       canvas = tuple(-(-v // d.eval_pad_multiple) * d.eval_pad_multiple for v in resized)
     view, _ = transforms.eval_view(tf.constant(image), tf.zeros((height, width), tf.int32),
-                                   canvas=canvas, ignore_label=d.ignore_label, resize=d.resize)
+                                   canvas=canvas, ignore_label=d.ignore_label, resize=d.resize,
+                                   normalization=image_io.normalization_name(normalization))
     batch = np.zeros((batch_rows, *canvas, image.shape[-1]), np.float32)
     batch[0] = view.numpy()
-    out = jax.tree.map(lambda x: np.asarray(x)[0], detect(state, {"image": batch}))
+    out = jax.tree.map(lambda x: np.asarray(x)[0], detect(variables, {"image": batch}))
     shown = pipeline.shown_shape(height, width, canvas, d.resize)
     keep = out["valid"].astype(bool)
     boxes, masks = coco_eval.to_original_pixels(
@@ -486,7 +489,6 @@ def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (height, width)))
     predicted.append(path)
   bar.close()
-  from seg_jax import workdir as workdir_lib
   workdir_lib.write_json(os.path.join(out_dir, "detections.json"), results)
   seconds = time.perf_counter() - t0
   print(f"detected objects in {len(predicted)} of {len(files)} images with the step-{step} "
