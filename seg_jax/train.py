@@ -124,10 +124,13 @@ def create_train_state(config, model: nn.Module, tx: optax.GradientTransformatio
   `channels`: input channels of the dataset's images (the model infers its
   input channels from the dummy input).
   """
-  size = config.dataset.image_size
+  if config_lib.task(config) == "volumetric":
+    shape = (1, *config.dataset.patch_size, channels)
+  else:
+    shape = (1, config.dataset.image_size, config.dataset.image_size, channels)
 
   def init(key):
-    variables = model.init(key, jnp.zeros((1, size, size, channels), jnp.float32), train=False)
+    variables = model.init(key, jnp.zeros(shape, jnp.float32), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
@@ -298,7 +301,11 @@ class Trainer:
     return self.initial_state()
 
   def evaluate(self, state: TrainState, split: str) -> tuple[dict, dict]:
-    """Dataset-level scores over every example of `split`, and arrays for the visuals."""
+    """Dataset-level scores over every example of `split`, and arrays for the visuals (volumes:
+    over every case, segmented whole by sliding windows)."""
+    if config_lib.task(self.config) == "volumetric":
+      return self.task.evaluate_cases(self.model, model_variables(state), self.mesh,
+                                      self.builder.splits[split], self.class_names)
     evaluator = self.task.evaluator(self.class_names)
     for batch in pipeline.eval_batches(self.config, self.builder, split):
       device_batch = parallel.host_batch_to_global(batch, self.mesh)
