@@ -213,6 +213,8 @@ class Trainer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, with_data: bool = True):
+    if with_data:
+      pipeline.configure(config)  # before the model: a Decathlon folder decides num_classes
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
@@ -370,7 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   _prepare_workdir(workdir)
   trainer = Trainer(config, workdir)
   if jax.process_index() == 0:
-    workdir_lib.write(workdir, config, class_names=trainer.class_names, channels=trainer.channels)
+    workdir_lib.write(workdir, config, class_names=trainer.class_names, channels=trainer.channels,
+                      preprocessing=getattr(trainer.builder, "preprocessing", None))
   state = trainer.initial_state()
   start_step = int(jax.device_get(state.step))
   if jax.process_index() == 0:

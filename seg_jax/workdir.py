@@ -35,8 +35,9 @@ class WorkdirError(OSError):
 
 
 def write(workdir: str, config: ml_collections.ConfigDict, *, class_names: list[str],
-          channels: int) -> None:
-  """Writes config.json and model.json (call on process 0 only)."""
+          channels: int, preprocessing: dict | None = None) -> None:
+  """Writes config.json and model.json (call on process 0 only). `preprocessing`: how a
+  volumetric dataset made its inputs from NIfTI files (target spacing, normalisation)."""
   entry = registry.model_entry(config.model.name)
   info = {
       "model": config.model.name,
@@ -50,6 +51,8 @@ def write(workdir: str, config: ml_collections.ConfigDict, *, class_names: list[
       "input_multiple": models.input_multiple(config),
       "training_image_size": config.dataset.image_size,
   }
+  if preprocessing is not None:
+    info["volume_preprocessing"] = preprocessing
   _write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
   _write_json(os.path.join(workdir, MODEL_FILE), info)
 

@@ -65,6 +65,13 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return prepare_dataset(config)[0]
 
 
+def configure(config: ml_collections.ConfigDict) -> None:
+  """Sets the config keys the data decides (a Decathlon folder's class count), if any."""
+  entry = registry.dataset_entry(config.dataset.name)
+  if entry.configure is not None:
+    entry.configure(config)
+
+
 def prepare_dataset(config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder, list[str]]:
   """(prepared TFDS builder, class names) of `config.dataset` (its registry entry prepares it)."""
   entry = registry.dataset_entry(config.dataset.name)

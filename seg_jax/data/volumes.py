@@ -76,6 +76,9 @@ class VolumeSet:
   """The prepared cases of every split, what `prepare` of a volumetric dataset returns."""
   splits: dict[str, list[VolumeCase]]
   channels: int
+  # how raw scans become model inputs (target spacing, per-channel normalisation), recorded in
+  # the workdir so that --mode=predict prepares NIfTI files the same way; None: not from files
+  preprocessing: dict | None = None
 
   def __post_init__(self):
     self._foreground: dict[str, list[np.ndarray]] = {}
