@@ -299,6 +299,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from seg_jax import train  # imports TensorFlow (datasets); keep this module light without it
   p = config.predict
+  if config_lib.task(config) == "volumetric":
+    from seg_jax import nifti_predict  # NIfTI scans in, NIfTI labels out
+    return nifti_predict.run(config, workdir)
   if config_lib.task(config) != "semantic":
     raise config_lib.ConfigError(f"--mode=predict segments images with semantic models; "
                                  f"model.name={config.model.name!r} is a detector (its eval "

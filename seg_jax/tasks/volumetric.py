@@ -83,21 +83,23 @@ class VolumetricTask(SemanticTask):
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
-    self._window_step = None
+    self._window_steps = {}
 
-  def window_step(self, model, mesh):
-    """The jitted windows -> probabilities function (built once), windows sharded on `data`."""
-    if self._window_step is None:
-      c = self.config
+  def window_step(self, model, mesh, *, tta: bool | None = None):
+    """The jitted windows -> probabilities function (built once per `tta`; default
+    dataset.eval_tta), windows sharded on `data`."""
+    c = self.config
+    tta = c.dataset.eval_tta if tta is None else tta
+    if tta not in self._window_steps:
 
       def step(variables, windows):
         with jax.default_matmul_precision(c.matmul_precision), conv_ops.backend(c.conv_backend):
-          return window_probabilities(model, variables, windows, tta=c.dataset.eval_tta)
+          return window_probabilities(model, variables, windows, tta=tta)
 
-      self._window_step = jax.jit(step, in_shardings=(parallel.replicated(mesh),
-                                                      parallel.batch_sharding(mesh)),
-                                  out_shardings=parallel.replicated(mesh))
-    return self._window_step
+      self._window_steps[tta] = jax.jit(step, in_shardings=(parallel.replicated(mesh),
+                                                            parallel.batch_sharding(mesh)),
+                                        out_shardings=parallel.replicated(mesh))
+    return self._window_steps[tta]
 
   def evaluate_cases(self, model, variables, mesh, cases, class_names: list[str]
                      ) -> tuple[dict, dict | None]:
