@@ -105,6 +105,11 @@ class VolumetricTask(SemanticTask):
                      ) -> tuple[dict, dict | None]:
     """Scores of whole `cases` (`volumes.VolumeCase`) and the first case's arrays for pictures."""
     d = self.config.dataset
+    if jax.process_count() > 1 or d.eval_window_batch % jax.device_count():
+      # Every process would hold every window; multi-host volume eval is not built yet.
+      raise ValueError(f"volumetric evaluation runs in one process with dataset.eval_window_batch"
+                       f" a multiple of the {jax.device_count()} devices; got "
+                       f"{jax.process_count()} processes, eval_window_batch={d.eval_window_batch}")
     step = self.window_step(model, mesh)
     window_fn = lambda windows: step(variables, parallel.host_batch_to_global(
         {"image": windows}, mesh)["image"])
