@@ -363,6 +363,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"instance annotations; datasets with them: {', '.join(with_instances)}")
     registry.check_int("dataset.max_instances", config.dataset.max_instances,
                        minimum=0 if from_data else 1)
+  elif (model_entry.task == "volumetric") != dataset_entry.volumetric:
+    volumetric = [n for n in registry.dataset_names() if registry.dataset_entry(n).volumetric]
+    if model_entry.task == "volumetric":
+      _fail("dataset.name", config.dataset.name, f"model.name={config.model.name!r} segments "
+            f"volumes; volumetric datasets: {', '.join(volumetric)}")
+    _fail("dataset.name", config.dataset.name, f"{config.dataset.name} holds volumes; use a 3D "
+          f"model (model.name=unet3d), not {config.model.name!r}")
   elif dataset_entry.decode is not None:
     _fail("dataset.name", config.dataset.name, f"{config.dataset.name} is read as instances, for "
           f"the detectors; model.name={config.model.name!r}")

@@ -306,6 +306,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from seg_jax import train  # imports TensorFlow (datasets); keep this module light without it
   p = config.predict
+  if config_lib.task(config) == "volumetric":
+    from seg_jax import nifti_predict  # NIfTI scans in, NIfTI labels out
+    return nifti_predict.run(config, workdir)
   if config_lib.task(config) == "instance":
     return run_detector(config, workdir)
   if not p.input:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import ml_collections
 
-TASKS = ("semantic", "instance")
+TASKS = ("semantic", "instance", "volumetric")
 
 
 class ConfigError(ValueError):
@@ -84,6 +84,12 @@ class DatasetEntry:
   default_num_classes: int | None = None
   eval_split: str = "validation"
   has_instances: bool = False
+  # volumes (CT, MRI): `prepare` returns a `seg_jax.data.volumes.VolumeSet` instead of a TFDS
+  # builder, and the volumetric task trains on its patches and evaluates whole cases
+  volumetric: bool = False
+  # config -> None: sets keys the data decides (decathlon: num_classes from dataset.json), before
+  # the model is built
+  configure: Callable[[ml_collections.ConfigDict], None] | None = None
   feature_keys: tuple[str, str, str] = ("image", "mask", "id")
   label_table: Callable[[ml_collections.ConfigDict], Any] | None = None
   decode: Callable[[dict, int], dict] | None = None

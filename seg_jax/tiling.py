@@ -1,6 +1,7 @@
 """Sliding-window tiling: where the tiles go, how overlapping tiles are blended, row by row.
 
-Host-side numpy only; `seg_jax/predict.py` runs the model on the tiles.
+Host-side numpy only; `seg_jax/predict.py` runs the model on the tiles (volumes: the
+volumetric task, `seg_jax/tasks/volumetric.py`, with the N-D plan and `SlabBlender` below).
 
 A model sees square tiles of `tile_size` pixels, so one compiled function
 serves images of every size. Tiles overlap by a fraction of their size; where
@@ -144,3 +145,104 @@ def _shift_up(buffer: np.ndarray, rows: int) -> None:
     stop = min(start + rows, kept)
     buffer[start:stop] = buffer[start + rows:stop + rows]
   buffer[kept:] = 0
+
+
+# ---------------------------------------------------------------------------- volumes (N-D)
+#
+# The same scheme over any number of axes: windows of a fixed shape placed by `tile_starts` along
+# every axis and visited in row-major order; the first axis plays the role of the rows above, so
+# `SlabBlender` keeps one window-deep slab of sums and hands out finished slabs along it. Volumes
+# weight windows with a Gaussian (nnU-Net's and MONAI's importance map) rather than the Hann
+# window: with overlap 0.5 a voxel sees several windows and the centre ones dominate.
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+  """Window positions over an array of `shape` (its leading axes); `starts[a]`: along axis a."""
+  shape: tuple[int, ...]
+  window: tuple[int, ...]
+  starts: tuple[tuple[int, ...], ...]
+
+  @property
+  def num_windows(self) -> int:
+    return math.prod(len(s) for s in self.starts)
+
+  def positions(self) -> Iterator[tuple[int, ...]]:
+    """First voxel of every window, row-major (last axis fastest)."""
+    for index in np.ndindex(*(len(s) for s in self.starts)):
+      yield tuple(s[i] for s, i in zip(self.starts, index))
+
+
+def plan_windows(shape: tuple[int, ...], window: tuple[int, ...], overlap: float) -> WindowPlan:
+  return WindowPlan(tuple(shape), tuple(window),
+                    tuple(tile_starts(n, w, overlap) for n, w in zip(shape, window)))
+
+
+def gaussian_window(window: tuple[int, ...], sigma_scale: float = 0.125) -> np.ndarray:
+  """float32 `window`-shaped separable Gaussian centred on the window, sigma = sigma_scale *
+  size per axis (nnU-Net's 1/8), scaled to a maximum of 1 and floored at its smallest
+  positive value so that edge voxels still count (MONAI clamps the same way)."""
+  profiles = []
+  for size in window:
+    centres = np.arange(size, dtype=np.float64) + 0.5 - size / 2
+    profiles.append(np.exp(-0.5 * (centres / (sigma_scale * size)) ** 2))
+  weights = profiles[0]
+  for profile in profiles[1:]:
+    weights = np.multiply.outer(weights, profile)
+  weights = weights / weights.max()
+  return np.maximum(weights, weights[weights > 0].min()).astype(np.float32)
+
+
+def extract_window(array: np.ndarray, corner: tuple[int, ...], window: tuple[int, ...]
+                   ) -> np.ndarray:
+  """array[corner:corner + window] over the leading axes, zero-padded past the end (where the
+  array is shorter than a window along an axis; the padded part is never blended)."""
+  region = array[tuple(slice(c, c + w) for c, w in zip(corner, window))]
+  pads = [(0, w - n) for w, n in zip(window, region.shape)] + [(0, 0)] * (array.ndim - len(window))
+  return np.pad(region, pads) if any(hi for _, hi in pads) else region
+
+
+class SlabBlender:
+  """Importance-weighted average of overlapping window predictions, finished slab by slab along
+  the first axis (the N-D `RowBandBlender`).
+
+  Feed windows in row-major plan order with `add` ([*window, K] probabilities). When the last
+  window starting at first-axis position starts[0][i] arrives, positions up to starts[0][i+1]
+  (or the end) are covered by no later window; `add` returns them as (first index, float32
+  [slab, *shape[1:], K]). Memory: one window-deep slab, never the whole probability volume.
+  """
+
+  def __init__(self, plan: WindowPlan, num_classes: int, weights: np.ndarray | None = None):
+    self.plan = plan
+    self._weights_window = (gaussian_window(plan.window) if weights is None else weights)[..., None]
+    depth = min(plan.window[0], plan.shape[0])
+    self._sums = np.zeros((depth, *plan.shape[1:], num_classes), np.float32)
+    self._weights = np.zeros((depth, *plan.shape[1:], 1), np.float32)
+    self._top = 0
+    self._count = 0
+    self._per_slab = plan.num_windows // len(plan.starts[0])
+
+  def add(self, probabilities: np.ndarray) -> tuple[int, np.ndarray] | None:
+    plan = self.plan
+    if self._count >= plan.num_windows:
+      raise ValueError(f"all {plan.num_windows} windows of the plan were already added")
+    slab, within = divmod(self._count, self._per_slab)
+    index = np.unravel_index(within, [len(s) for s in plan.starts[1:]])
+    corner = (plan.starts[0][slab], *(s[i] for s, i in zip(plan.starts[1:], index)))
+    self._count += 1
+    extent = tuple(min(w, n - c) for w, n, c in zip(plan.window, plan.shape, corner))
+    inside = tuple(slice(0, e) for e in extent)
+    target = (slice(corner[0] - self._top, corner[0] - self._top + extent[0]),
+              *(slice(c, c + e) for c, e in zip(corner[1:], extent[1:])))
+    weights = self._weights_window[inside]
+    self._sums[target] += probabilities[inside] * weights
+    self._weights[target] += weights
+    if within < self._per_slab - 1:
+      return None
+    end = plan.starts[0][slab + 1] if slab + 1 < len(plan.starts[0]) else plan.shape[0]
+    done = end - self._top
+    finished = self._sums[:done] / self._weights[:done]
+    for buffer in (self._sums, self._weights):
+      _shift_up(buffer, done)
+    first, self._top = self._top, end
+    return first, finished

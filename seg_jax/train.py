@@ -217,10 +217,13 @@ def create_train_state(config, model: nn.Module, tx: optax.GradientTransformatio
   `channels`: input channels of the dataset's images (the model infers its
   input channels from the dummy input).
   """
-  size = config.dataset.image_size
+  if config_lib.task(config) == "volumetric":
+    shape = (1, *config.dataset.patch_size, channels)
+  else:
+    shape = (1, config.dataset.image_size, config.dataset.image_size, channels)
 
   def init(key):
-    variables = model.init(key, jnp.zeros((1, size, size, channels), jnp.float32), train=False)
+    variables = model.init(key, jnp.zeros(shape, jnp.float32), train=False)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
@@ -332,6 +335,8 @@ class Trainer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *, with_data: bool = True):
+    if with_data:
+      pipeline.configure(config)  # before the model: a Decathlon folder decides num_classes
     self.config = config
     self.workdir = workdir
     self.mesh = parallel.make_mesh()
@@ -488,6 +493,9 @@ class Trainer:
     results (`write_per_image`). Where the dataset scores in its own terms (coco_json), the
     detections of the checkpoint at `step` also go, on process 0, to
     WORKDIR/eval/detections_step_<step>.json."""
+    if config_lib.task(self.config) == "volumetric":  # whole cases, by sliding windows
+      return self.task.evaluate_cases(self.model, variables, self.mesh,
+                                      self.builder.splits[split], self.class_names)
     evaluator = self.task.evaluator(
         self.class_names, reference=pipeline.eval_reference(self.config, self.builder, split))
     for batch in pipeline.eval_batches(self.config, self.builder, split, with_ids=True):
@@ -577,7 +585,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config = trainer.config  # with what the data determines
   if jax.process_index() == 0:
     workdir_lib.write(workdir, config, class_names=trainer.class_names, channels=trainer.channels,
-                      category_ids=trainer.category_ids)
+                      category_ids=trainer.category_ids,
+                      preprocessing=getattr(trainer.builder, "preprocessing", None))
   state = trainer.initial_state()
   logging.info("%s", describe_parameter_groups(config, state.params))
   start_step = int(jax.device_get(state.step))

@@ -273,3 +273,48 @@ def instance_panels(images: np.ndarray, truths: Sequence[dict], predictions: Seq
 
 def write_png(path: str, image: np.ndarray) -> None:
   Image.fromarray(image).save(path)
+
+
+def mid_slices(volume: np.ndarray, spacing) -> list[np.ndarray]:
+  """The axial, coronal and sagittal mid-slices of a [D, H, W, ...] volume, with rows repeated
+  so that a thick-slice axis (D) is drawn at roughly its physical size."""
+  d, h, w = volume.shape[:3]
+  repeat = max(1, round(float(spacing[0]) / float(min(spacing[1], spacing[2]))))
+  return [volume[d // 2], volume[:, h // 2].repeat(repeat, axis=0),
+          volume[:, :, w // 2].repeat(repeat, axis=0)]
+
+
+def volume_panels(image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray,
+                  num_classes: int, *, spacing=(1.0, 1.0, 1.0), ignore_label: int = 255,
+                  class_names: Sequence[str] | None = None) -> np.ndarray:
+  """One row per view (axial, coronal, sagittal mid-slice) of a volume: image | truth overlay |
+  prediction overlay (no truth: image | prediction overlay).
+
+  image: uint8 [D, H, W, C]; truth, prediction: int [D, H, W]. Views are padded (white) to a
+  common size; returns uint8 [rows, cols, 3] with a legend given `class_names`.
+  """
+  views = zip(mid_slices(image, spacing), mid_slices(prediction, spacing),
+              mid_slices(truth, spacing) if truth is not None else [None] * 3)
+  rows = []
+  for image_view, pred_view, truth_view in views:
+    rgb = as_rgb(image_view)
+    cells = [rgb] + ([] if truth_view is None else
+                     [overlay(rgb, truth_view, num_classes, ignore_label=ignore_label)])
+    cells.append(overlay(rgb, pred_view, num_classes, ignore_label=ignore_label))
+    rows.append([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells])
+  height = max(cell.shape[0] for row in rows for cell in row)
+  width = max(cell.shape[1] for row in rows for cell in row)
+  grid = np.concatenate([
+      np.concatenate([np.pad(c, ((0, height - c.shape[0]), (0, width - c.shape[1]), (0, 0)),
+                             constant_values=255) for c in row], axis=1) for row in rows], axis=0)
+  if class_names is None:
+    return grid
+  shown = classes_present([prediction] + ([] if truth is None else [truth]), num_classes,
+                          ignore_label)
+  return with_legend(grid, legend_entries(shown, class_names, num_classes, ignore_label))
+
+
+def window_intensities(image: np.ndarray, low: float = -2.5, high: float = 2.5) -> np.ndarray:
+  """float (normalised) intensities -> uint8, clipped to [low, high] (z-scores: +-2.5 sd)."""
+  scaled = (np.clip(np.asarray(image, np.float32), low, high) - low) / (high - low)
+  return np.round(scaled * 255).astype(np.uint8)

@@ -35,9 +35,11 @@ class WorkdirError(OSError):
 
 
 def write(workdir: str, config: ml_collections.ConfigDict, *, class_names: list[str],
-          channels: int, category_ids: list[int] | None = None) -> None:
+          channels: int, category_ids: list[int] | None = None,
+          preprocessing: dict | None = None) -> None:
   """Writes config.json and model.json (call on process 0 only). `category_ids`: the
-  dataset's own label ids (coco_json), class c being category_ids[c - 1]."""
+  dataset's own label ids (coco_json), class c being category_ids[c - 1]. `preprocessing`: how
+  a volumetric dataset made its inputs from NIfTI files (target spacing, normalisation)."""
   entry = registry.model_entry(config.model.name)
   info = {
       "model": config.model.name,
@@ -51,6 +53,8 @@ def write(workdir: str, config: ml_collections.ConfigDict, *, class_names: list[
       "input_multiple": models.input_multiple(config),
       "training_image_size": config.dataset.image_size,
   }
+  if preprocessing is not None:
+    info["volume_preprocessing"] = preprocessing
   if category_ids is not None:
     info["category_ids"] = [int(c) for c in category_ids]
   write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())

@@ -129,7 +129,7 @@ def test_the_registered_components_own_their_keys_and_checks(tmp_path):
     config.model.width = 8  # a unet key
   with pytest.raises(config_lib.ConfigError, match=r"^config.model.width=8: not a key of model "
                                                    r"'pixel_net'; it is a key of deeplabv3plus, "
-                                                   r"unet, mask_rcnn, faster_rcnn"):
+                                                   r"unet, unet3d, mask_rcnn, faster_rcnn"):
     config_lib.validate(config)
   config = _toy_config(str(tmp_path))
   config.dataset.num_classes = 3

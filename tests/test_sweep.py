@@ -79,7 +79,7 @@ def test_bad_sweep_file_axes_and_values_fail_before_any_run(data_dir, tmp_path):
       "optimizer.learning_rate": [1.0, 0.5]}
   runs = sweep.plan({"model.norm": ["batch", "bach"]}, [0], str(tmp_path))
   with pytest.raises(sweep.SweepError, match=r"^variant model.norm=bach: config.model.norm='bach': "
-                                             r"must be one of batch, group, none$"):
+                                             r"must be one of batch, group, instance, none$"):
     sweep.validate_runs(tiny_config(data_dir), runs)
 
 

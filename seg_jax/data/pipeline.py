@@ -39,6 +39,7 @@ import tensorflow_datasets as tfds
 from seg_jax import parallel
 from seg_jax import registry
 from seg_jax.data import transforms
+from seg_jax.data import volumes
 from seg_jax.data.errors import DataError
 
 # TF must never take the accelerators away from JAX.
@@ -62,6 +63,13 @@ def _input_options() -> tf.data.Options:
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The dataset's TFDS builder, prepared (generated or read from cache)."""
   return prepare_dataset(config)[0]
+
+
+def configure(config: ml_collections.ConfigDict) -> None:
+  """Sets the config keys the data decides (a Decathlon folder's class count), if any."""
+  entry = registry.dataset_entry(config.dataset.name)
+  if entry.configure is not None:
+    entry.configure(config)
 
 
 def prepare_dataset(config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder, list[str]]:
@@ -132,8 +140,15 @@ def _feature_keys(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
   return registry.dataset_entry(config.dataset.name).feature_keys
 
 
+def _volumetric(config: ml_collections.ConfigDict) -> bool:
+  """Whether `builder` is a volumetric dataset's `volumes.VolumeSet` rather than TFDS's."""
+  return registry.dataset_entry(config.dataset.name).volumetric
+
+
 def image_channels(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> int:
   """Channels of the images the model sees (the model infers its input channels at init)."""
+  if _volumetric(config):
+    return builder.channels
   return int(builder.info.features[_feature_keys(config)[0]].shape[-1])
 
 
@@ -213,6 +228,12 @@ def eval_canvas(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBui
 def check_split(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
                 split: str) -> None:
   """DataError unless the dataset has `split` (checked before training starts)."""
+  if _volumetric(config):
+    if not builder.splits.get(split):
+      raise DataError(f"dataset {config.dataset.name} has no cases in split {split!r}; it has "
+                      f"{', '.join(k for k, v in builder.splits.items() if v) or 'none'} "
+                      "(set dataset.eval_split)")
+    return
   if split not in builder.info.splits:
     raise DataError(f"dataset {config.dataset.name} has no split {split!r}; it has "
                     f"{', '.join(builder.info.splits) or 'none'} (set dataset.eval_split)")
@@ -233,6 +254,8 @@ def _check_labels(batch: dict[str, np.ndarray], num_classes: int, ignore_label: 
 def check_eval_split(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder) -> None:
   """DataError now (before training) if dataset.eval_split is missing or has no eval canvas."""
   check_split(config, builder, config.dataset.eval_split)
+  if _volumetric(config):
+    return  # whole cases by sliding windows: no canvas
   eval_canvas(config, builder, config.dataset.eval_split)
 
 
@@ -265,7 +288,11 @@ def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict, *,
 
 def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder, *,
                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Endless augmented training batches of this host, starting at `start_step`."""
+  """Endless augmented training batches of this host, starting at `start_step` (volumes:
+  random patches, `seg_jax/data/volumes.py`)."""
+  if _volumetric(config):
+    check_split(config, builder, "train")
+    return volumes.train_batches(config, builder, start_step=start_step)
   d = config.dataset
   host_batch = parallel.per_host_batch_size(config.batch_size)
   # Every process walks the same global stream and keeps only its rows of each

@@ -16,6 +16,7 @@ from seg_jax import registry
 from seg_jax.models import deeplab  # registers deeplabv3plus
 from seg_jax.models import segformer  # registers segformer
 from seg_jax.models import unet  # registers unet
+from seg_jax.models import unet3d  # registers unet3d
 from seg_jax.models.detection import mask_rcnn  # registers mask_rcnn, faster_rcnn
 
 # config.model keys that are not the module's fields
@@ -42,7 +43,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   entry = registry.model_entry(config.model.name)
   fields = {k: as_tuples(v) for k, v in config.model.items() if k not in RUN_KEYS}
   run = {"dtype": jnp.dtype(config.dtype)}
-  if entry.task == "semantic":
+  if entry.task in ("semantic", "volumetric"):
     run["num_logits"] = num_logits(config)
   else:
     run["num_classes"] = config.dataset.num_classes - 1  # object classes; 0 is background

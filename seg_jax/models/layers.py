@@ -1,9 +1,10 @@
-"""Building blocks shared by the segmentation models (NHWC layout)."""
+"""Building blocks shared by the segmentation models (channels last: NHWC, and NDHWC for volumes)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ from seg_jax import registry
 from seg_jax.models import batch_norm
 from seg_jax.ops import conv as conv_ops
 
-NORMS = ("batch", "group", "none")
+NORMS = ("batch", "group", "instance", "none")
 # A backbone's batch norm with its running statistics, scale and bias held fixed (detectron2's
 # FrozenBN; `model.frozen_backbone_norm`): not a choice of model.norm, as only loaded
 # statistics make sense frozen.
@@ -28,7 +29,8 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv_ops.conv_general_dil
 
 def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float32,
               relu: bool = False) -> nn.Module | None:
-  """A normalisation layer by name: 'batch', 'group' or 'none' (None). `relu` fuses the ReLU
+  """A normalisation layer by name: 'batch', 'group', 'instance' (group norm with one channel per
+  group, as MONAI and nnU-Net use on volumes) or 'none' (None). `relu` fuses the ReLU
   after it: only batch norm takes it (`Norm` applies it separately for the others).
 
   Batch norm needs no `axis_name`: under `jax.jit` with the batch sharded over
@@ -43,9 +45,11 @@ def make_norm(kind: str, *, train: bool, groups: int = 8, dtype: Any = jnp.float
     raise ValueError(f"only batch norm fuses the ReLU; use Norm(...)(x, relu=True) for {kind!r}")
   if kind == "group":
     return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=dtype)
+  if kind == "instance":
+    return nn.GroupNorm(num_groups=None, group_size=1, epsilon=1e-5, dtype=dtype)
   if kind == "none":
     return None
-  raise ValueError(f"unknown norm {kind!r}; allowed: batch, group, none")
+  raise ValueError(f"unknown norm {kind!r}; allowed: {', '.join(NORMS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +57,7 @@ class Norm:
   """A model's normalisation, made once from its config keys (`norm`, `norm_groups`, the compute
   dtype) and handed to its blocks. Called inside a module's compact method, it adds the layer to
   that module (named BatchNorm_0, GroupNorm_0, ... by flax, as before)."""
-  kind: str = "batch"       # batch | group | none | frozen_batch
+  kind: str = "batch"       # batch | group | instance | none | frozen_batch
   groups: int = 8           # group norm's groups
   dtype: Any = jnp.float32
 
@@ -72,18 +76,22 @@ class Norm:
 
 
 class ConvNormAct(nn.Module):
-  """Conv (stride 1, optionally dilated) -> norm -> ReLU. The conv has no bias when a norm follows."""
+  """Conv (optionally dilated or strided) -> norm -> ReLU over the `rank` spatial axes (2: images,
+  3: volumes). The conv has no bias when a norm follows; `strides` is one int or one per axis."""
   features: int
   kernel_size: int = 3
   norm: Norm = Norm()
   dilation: int = 1
   dtype: Any = jnp.float32
+  rank: int = 2
+  strides: int | tuple[int, ...] = 1
+  relu: bool = True
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = Conv(self.features, (self.kernel_size,) * 2, kernel_dilation=self.dilation,
-             use_bias=self.norm.conv_bias, dtype=self.dtype)(x)
-    return self.norm(x, train=train, relu=True)
+    x = Conv(self.features, (self.kernel_size,) * self.rank, strides=self.strides,
+             kernel_dilation=self.dilation, use_bias=self.norm.conv_bias, dtype=self.dtype)(x)
+    return self.norm(x, train=train, relu=self.relu)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -105,13 +113,19 @@ def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
-  """[N, H, W, b*b*C] -> [N, b*H, b*W, C]; channel index (i*b + j)*C + c goes to offset (i, j)."""
-  n, h, w, c = x.shape
-  out_c = c // (block * block)
-  x = x.reshape(n, h, w, block, block, out_c)
-  x = x.transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(n, h * block, w * block, out_c)
+def depth_to_space(x: jax.Array, block: int | tuple[int, ...] = 2) -> jax.Array:
+  """[N, *S, prod(b)*C] -> [N, *(b*S), C] for any number of spatial axes S, with factor b per axis
+  (one int: the same on every axis). 2D: channel index (i*b + j)*C + c goes to offset (i, j);
+  in general the offsets are the channel's row-major index over the factors."""
+  n, *spatial, c = x.shape
+  factors = (block,) * len(spatial) if isinstance(block, int) else tuple(block)
+  out_c = c // math.prod(factors)
+  rank = len(spatial)
+  x = x.reshape(n, *spatial, *factors, out_c)
+  # interleave: (n, s0, f0, s1, f1, ..., c)
+  order = [0] + [axis for i in range(rank) for axis in (1 + i, 1 + rank + i)] + [1 + 2 * rank]
+  x = x.transpose(order)
+  return x.reshape(n, *(s * f for s, f in zip(spatial, factors)), out_c)
 
 
 class LearnedUpsample2x(nn.Module):
@@ -126,11 +140,14 @@ class LearnedUpsample2x(nn.Module):
   """
   features: int
   dtype: Any = jnp.float32
+  # upsampling factor per spatial axis: (2, 2) for images; volumes give three (anisotropic: (1, 2, 2))
+  factors: tuple[int, ...] = (2, 2)
 
   @nn.compact
   def __call__(self, x):
-    x = Conv(4 * self.features, (1, 1), dtype=self.dtype, name="conv")(x)
-    return depth_to_space(x, 2)
+    x = Conv(math.prod(self.factors) * self.features, (1,) * len(self.factors), dtype=self.dtype,
+             name="conv")(x)
+    return depth_to_space(x, self.factors)
 
 
 class ResizeUpsample2x(nn.Module):

@@ -7,7 +7,9 @@ dataset-level scores, and what the eval pictures show:
 - `semantic` (U-Net, DeepLabv3+): per-pixel losses, a confusion matrix summed
   over the split (Dice, IoU, pixel accuracy);
 - `instance` (Mask R-CNN, Faster R-CNN): the detector's own losses, fixed-size
-  detections gathered to the host and scored by pycocotools (box and mask AP).
+  detections gathered to the host and scored by pycocotools (box and mask AP);
+- `volumetric` (3D U-Net): the semantic losses on random patches, whole cases segmented by
+  sliding windows and scored per case in mm (Dice, HD95, NSD).
 
 `config_lib.task(config)` picks the family from `model.name`.
 """
@@ -19,8 +21,9 @@ import ml_collections
 from seg_jax import config as config_lib
 from seg_jax.tasks.instance import InstanceTask
 from seg_jax.tasks.semantic import SemanticTask
+from seg_jax.tasks.volumetric import VolumetricTask
 
-TASKS = {"semantic": SemanticTask, "instance": InstanceTask}
+TASKS = {"semantic": SemanticTask, "instance": InstanceTask, "volumetric": VolumetricTask}
 
 
 def get_task(config: ml_collections.ConfigDict):
