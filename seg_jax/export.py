@@ -376,6 +376,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Exports WORKDIR's newest checkpoint (or export.step) into WORKDIR/export; returns the
   export.json record. ExportError or ConfigError (one line) if it cannot."""
   from seg_jax import train  # imports TensorFlow (datasets); keep this module light without it
+  if config_lib.task(config) == "volumetric":
+    raise config_lib.ConfigError(
+        f"--mode=export writes 2D semantic models only; model.name={config.model.name!r} "
+        "segments volumes (its NIfTI resampling and sliding windows are not in a graph yet)")
   if config_lib.task(config) != "semantic":
     raise config_lib.ConfigError(
         f"--mode=export writes semantic models only; model.name={config.model.name!r} is a "

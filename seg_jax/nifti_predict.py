@@ -107,11 +107,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   trainer = train.Trainer(config, workdir, with_data=False)
   try:
-    state = trainer.latest_checkpoint_state()
+    state = trainer.inference_state()  # config.checkpoint.use: latest, best or a step
   finally:
-    trainer.checkpoints.close()
+    trainer.close()
   step = int(jax.device_get(state.step))
-  variables = train.model_variables(state)
+  variables = train.inference_variables(state)  # the EMA weights if the run kept them
   window_step = trainer.task.window_step(trainer.model, trainer.mesh, tta=p.tta != "none")
   window_fn = lambda windows: window_step(variables, parallel.host_batch_to_global(
       {"image": windows}, trainer.mesh)["image"])
