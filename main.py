@@ -146,7 +146,10 @@ def _with_workdir_config(argv):
 
 
 def _parse_flags(argv):
-  return cli.parse_flags(_with_workdir_config(argv))
+  # A dataset or model chosen on the command line is chosen when the --config file is loaded;
+  # a workdir's own config (added by _with_workdir_config) is never rebuilt.
+  argv = cli.choose_components_when_loading(argv)
+  return cli.parse_flags(_with_workdir_config(argv), choose_components=False)
 
 
 if __name__ == "__main__":

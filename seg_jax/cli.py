@@ -34,12 +34,49 @@ def unknown_override_message(override: str, error: Exception) -> str:
   return f"{override}: unknown config key" + (f" (did you mean {hint.group(1)}?)" if hint else "")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+COMPONENT_OVERRIDES = ("--config.dataset.name=", "--config.model.name=")
+
+
+def choose_components_when_loading(argv: list[str]) -> list[str]:
+  """argv with `--config.dataset.name=X` / `--config.model.name=Y` moved into the config file's
+  argument (`--config=FILE:ARG,dataset=X,model=Y`), so that the config is built with that
+  dataset's (model's) own keys and the overrides after it can set them, e.g.
+  `--config=configs/mask_rcnn.py --config.dataset.name=coco_json --config.dataset.train_json=F`.
+  Without --config (a workdir's config) argv is unchanged."""
+  chosen = [a for a in argv[1:] if a.startswith(COMPONENT_OVERRIDES)]
+  position = next((i for i, a in enumerate(argv) if i and (a.startswith("--config=")
+                                                           or a == "--config")), None)
+  if not chosen or position is None:
+    return argv
+  rest = [a for a in argv if a not in chosen]
+  position = rest.index(argv[position])
+  if rest[position] == "--config":  # --config FILE
+    if position + 1 >= len(rest):
+      return argv
+    del rest[position]
+    value = rest[position]
+  else:
+    value = rest[position][len("--config="):]
+  path, colon, arg = value.partition(":")
+  options = [o for o in arg.split(",") if o] if colon else []
+  for override in chosen:
+    key, _, name = override[len("--config."):].partition("=")
+    section = key.split(".")[0]
+    options = [o for o in options if not o.startswith(f"{section}=")] + [f"{section}={name}"]
+  rest[position] = f"--config={path}:{','.join(options)}"
+  return rest
+
+
+def parse_flags(argv: list[str], *, choose_components: bool = True) -> list[str]:
   """absl's parser, with config override errors turned into one line.
 
   ml_collections raises a bare AttributeError/KeyError (with a traceback) for
-  `--config.no.such.key=1`; say which flag and why instead.
+  `--config.no.such.key=1`; say which flag and why instead. `--config.dataset.name` and
+  `--config.model.name` choose the component when the config is loaded
+  (`choose_components_when_loading`).
   """
+  if choose_components:
+    argv = choose_components_when_loading(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

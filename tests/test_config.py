@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from seg_jax import cli
 from seg_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,11 +105,29 @@ def test_another_models_key_says_whose_it_is(tmp_path):
       "error: --config.model.aspp_rates: not a key of this config's model; it is a key of "
       "deeplabv3plus (choose the model when loading the config: "
       "--config=FILE:model=deeplabv3plus)")
-  result = _run_main(f"--workdir={tmp_path}/wd", "--config.model.name=mask_rcnn")
+  # Chosen on the command line, the model is chosen when the config is loaded: its own keys
+  # can then be set (aspp_rates is accepted; the misspelt key after it is the error).
+  result = _run_main(f"--workdir={tmp_path}/wd", "--config.model.name=deeplabv3plus",
+                     "--config.model.aspp_rates=(1,2)", "--config.model.widht=8")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      "error: config.model.name='mask_rcnn': config.model holds the keys of 'unet'; choose the "
-      "model when loading the config: --config=FILE:model=mask_rcnn")
+      "error: --config.model.widht: unknown config key (did you mean width?)")
+  assert not os.path.exists(tmp_path / "wd")
+
+
+def test_component_names_on_the_command_line_are_chosen_when_the_config_loads():
+  move = cli.choose_components_when_loading
+  assert move(["main.py", "--config=configs/mask_rcnn.py", "--config.dataset.name=coco_json",
+               "--config.dataset.train_json=a.json"]) == [
+      "main.py", "--config=configs/mask_rcnn.py:dataset=coco_json",
+      "--config.dataset.train_json=a.json"]
+  assert move(["main.py", "--config.model.name=segformer", "--config", "configs/unet.py:dataset=folder",
+               "--config.dataset.name=shapes"]) == [
+      "main.py", "--config=configs/unet.py:model=segformer,dataset=shapes"]
+  assert move(["main.py", "--config=configs/deeplabv3plus.py:large"]) == [
+      "main.py", "--config=configs/deeplabv3plus.py:large"]
+  assert move(["main.py", "--workdir=w", "--config.dataset.name=x"]) == [
+      "main.py", "--workdir=w", "--config.dataset.name=x"]  # the workdir's config: unchanged
 
 
 @pytest.mark.parametrize("section,name", [("model", "pspnet"), ("dataset", "kitti")])
