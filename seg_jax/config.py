@@ -224,10 +224,14 @@ def with_model(config: ml_collections.ConfigDict, name: str, *, keep_shared: boo
 
 def with_dataset(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
   """A copy of `config` for dataset `name`: the pipeline keys (sizes, augmentation, ...) kept,
-  the dataset's own keys, class count and eval split at its defaults."""
+  and the keys both datasets own (shapes3d's and decathlon's patch sampling: the config's
+  choices carry over); the new dataset's other keys, class count and eval split at its
+  defaults."""
   out = ml_collections.ConfigDict(config.to_dict())
   section = _dataset_section(name)
-  for key in PIPELINE_KEYS:
+  shared = (set(registry.dataset_entry(name).defaults)
+            & set(registry.dataset_entry(config.dataset.name).defaults))
+  for key in (*PIPELINE_KEYS, *sorted(shared)):
     section[key] = config.dataset[key]
   out.dataset = section
   return out
