@@ -286,13 +286,14 @@ def _run_stablehlo(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 # ---------------------------------------------------------------------------- host: the command
 
-def _export_state(config, trainer):
-  """export.step, when set, names the checkpoint; otherwise checkpoint.use does (latest by
-  default, or best), as for eval and predict."""
-  if config.export.step:
-    with config.unlocked():
-      config.checkpoint.use = str(config.export.step)
-  return trainer.inference_state()
+def with_export_step(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` whose checkpoint.use names export.step when that is set (otherwise checkpoint.use
+  decides: latest by default, or best), as eval and predict choose theirs."""
+  if not config.export.step:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.checkpoint.use = str(config.export.step)
+  return config
 
 
 def export_variables(model: nn.Module, variables: dict, out_dir: str, *, channels: int,
@@ -411,14 +412,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   multiple = models.input_multiple(config)
   image_size = config.export.image_size or config.dataset.image_size
   min_size = config.export.min_size or config.predict.tile_size
-  trainer = train.Trainer(config, workdir, with_data=False)
-  try:
-    state = _export_state(config, trainer)
-  finally:
-    trainer.close()
-  step = int(jax.device_get(state.step))
-  variables = jax.device_get(train.inference_variables(state))
-  del state
+  trainer, variables, step = train.restore_for_inference(with_export_step(config), workdir)
+  variables = jax.device_get(variables)
   info = workdir_lib.read_model_info(workdir)
   normalization = image_io.normalization_name(info.get("input_normalization"))
   info = {"model": info["model"], "class_names": info["class_names"],

@@ -105,13 +105,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with open(os.path.join(workdir, workdir_lib.MODEL_FILE)) as f:
     preprocessing = json.load(f).get("volume_preprocessing")
 
-  trainer = train.Trainer(config, workdir, with_data=False)
-  try:
-    state = trainer.inference_state()  # config.checkpoint.use: latest, best or a step
-  finally:
-    trainer.close()
-  step = int(jax.device_get(state.step))
-  variables = train.inference_variables(state)  # the EMA weights if the run kept them
+  trainer, variables, step = train.restore_for_inference(config, workdir)
   window_step = trainer.task.window_step(trainer.model, trainer.mesh, tta=p.tta != "none")
   window_fn = lambda windows: window_step(variables, parallel.host_batch_to_global(
       {"image": windows}, trainer.mesh)["image"])

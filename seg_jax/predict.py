@@ -325,14 +325,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out_dir = os.path.expanduser(p.output) if p.output else os.path.join(workdir, "predictions")
   os.makedirs(out_dir, exist_ok=True)
 
-  trainer = train.Trainer(config, workdir, with_data=False)
-  try:
-    state = trainer.inference_state()  # config.checkpoint.use: latest, best or a step
-  finally:
-    trainer.close()
-  step = int(jax.device_get(state.step))
-  variables = train.inference_variables(state)
-  del state  # the optimiser state is not needed
+  trainer, variables, step = train.restore_for_inference(config, workdir)
   num_classes = config.dataset.num_classes
   channels = model_input_channels(trainer.model, variables, p.tile_size)
   normalization = workdir_lib.read_model_info(workdir)["input_normalization"]
@@ -429,14 +422,7 @@ def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _check_unique_stems(files)
   out_dir = os.path.expanduser(p.output) if p.output else os.path.join(workdir, "predictions")
   os.makedirs(out_dir, exist_ok=True)
-  trainer = train.Trainer(config, workdir, with_data=False)
-  try:
-    state = trainer.inference_state()  # config.checkpoint.use: latest, best or a step
-  finally:
-    trainer.close()
-  step = int(jax.device_get(state.step))
-  variables = train.inference_variables(state)
-  del state  # the optimiser state is not needed
+  trainer, variables, step = train.restore_for_inference(config, workdir)
   normalization = workdir_lib.read_model_info(workdir)["input_normalization"]
   num_classes = d.num_classes
   category_ids = trainer.category_ids or list(range(1, num_classes))

@@ -512,6 +512,18 @@ class Trainer:
     return scores, evaluator.visuals
 
 
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str
+                          ) -> tuple[Trainer, dict, int]:
+  """For predict and export: a Trainer without data, and the inference variables (the EMA if
+  the run kept one) and step of the checkpoint config.checkpoint.use names."""
+  trainer = Trainer(config, workdir, with_data=False)
+  try:
+    state = trainer.inference_state()
+  finally:
+    trainer.close()
+  return trainer, inference_variables(state), int(jax.device_get(state.step))
+
+
 def write_per_image(trainer: Trainer, scores: dict, step: int) -> str | None:
   """WORKDIR/eval/per_image_step_<step>.csv from the scores' per-image table, if the task has one;
   with several processes each writes the rows of its own images (..._process_<i>.csv)."""

@@ -205,18 +205,15 @@ def test_export_step_restores_that_checkpoint_or_names_the_saved_steps(exported)
   config = copy.deepcopy(config)
   with config.unlocked():
     config.export.step = 3
-  trainer = train.Trainer(config, workdir, with_data=False)
-  try:
-    state = export._export_state(config, trainer)
-    config.export.step = 2
-    with pytest.raises(FileNotFoundError, match=r"checkpoint.use=2: no checkpoint at that step in .*; steps there: 3$"):
-      export._export_state(config, trainer)
-  finally:
-    trainer.close()
-  assert int(state.step) == 3
-  restored = jax.tree.leaves(jax.device_get(train.inference_variables(state)))
-  for a, b in zip(restored, jax.tree.leaves(variables), strict=True):
+  _, restored, step = train.restore_for_inference(export.with_export_step(config), workdir)
+  assert step == 3
+  for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(variables),
+                  strict=True):
     np.testing.assert_array_equal(a, b)
+  config.export.step = 2
+  with pytest.raises(FileNotFoundError,
+                     match=r"checkpoint.use=2: no checkpoint at that step in .*; steps there: 3$"):
+    train.restore_for_inference(export.with_export_step(config), workdir)
 
 
 def test_the_graph_normalises_as_the_model_was_trained(exported):
