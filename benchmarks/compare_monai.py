@@ -17,7 +17,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from seg_jax import xla_flags
@@ -32,8 +31,6 @@ import numpy as np
 from benchmarks import compare_torch  # its worker protocol and flags (batch_size, steps, ...)
 from benchmarks import harness
 from seg_jax import config as config_lib
-from seg_jax import parallel
-from seg_jax import train
 
 _PATCH = flags.DEFINE_list("patch", ["48", "48", "48"], "Patch (D, H, W) voxels.")
 
@@ -63,21 +60,7 @@ def seg_jax_step(images, labels):
   if config.dataset.num_classes != 4:  # shapes3d's own count; the benchmark makes its data
     config.dataset.name = "decathlon"
     config.dataset.root = "unused"
-  mesh, model, tx, schedule = harness.build(config)
-  state = train.create_train_state(config, model, tx, mesh, channels=1)
-  batch = parallel.host_batch_to_global({"image": images, "mask": labels}, mesh)
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,
-                                               config=config), donate_argnums=0)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {"state": state}
-
-  def run():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    jax.block_until_ready(metrics["loss"])
-
-  return run, compile_s, train.count_params(state.params)
+  return harness.compiled_train_step(config, channels=1, images=images, labels=labels)
 
 
 def monai_step(images, labels):

@@ -38,8 +38,6 @@ from benchmarks import flops as flop_count
 from benchmarks import harness
 from benchmarks import synthetic_data
 from seg_jax import config as config_lib
-from seg_jax import parallel
-from seg_jax import train
 from seg_jax.ops import conv as conv_ops
 
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per step.")
@@ -115,21 +113,7 @@ def seg_jax_step(images: np.ndarray, labels: np.ndarray):
   config.optimizer.learning_rate = 1e-3
   config.batch_size = _BATCH.value
   config.conv_backend = _CONV_BACKEND.value
-  mesh, model, tx, schedule = harness.build(config)
-  state = train.create_train_state(config, model, tx, mesh)
-  batch = parallel.host_batch_to_global({"image": images, "mask": labels}, mesh)
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, schedule=schedule,
-                                               config=config), donate_argnums=0)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {"state": state}
-
-  def run():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    jax.block_until_ready(metrics["loss"])
-
-  return run, compile_s, train.count_params(state.params)
+  return harness.compiled_train_step(config, images=images, labels=labels)
 
 
 def torch_step(images: np.ndarray, labels: np.ndarray):

@@ -298,6 +298,14 @@ def _progress_bar(files: list[str]):
                    dynamic_ncols=True)
 
 
+def _fail_if_skipped(skipped: list[str], total: int) -> None:
+  """Lists the skipped inputs and ends the run with a DataError (non-zero exit) if there were any."""
+  if skipped:
+    print(f"skipped {len(skipped)}:\n" + "\n".join(f"  {m}" for m in skipped))
+    more = f" (and {len(skipped) - 1} more, listed above)" if len(skipped) > 1 else ""
+    raise DataError(f"{len(skipped)} of {total} input images skipped: {skipped[0]}{more}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Segments every file of config.predict.input with WORKDIR's newest checkpoint.
 
@@ -363,10 +371,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"predicted {len(predicted)} of {len(files)} images with the step-{step} checkpoint of "
         f"{workdir} in {seconds:.1f} s ({per_image:.2f} s/image; compile {compile_s:.1f} s)\n"
         f"tiles {p.tile_size} px, overlap {p.overlap:g}, tta {p.tta}; outputs in {out_dir}")
-  if skipped:
-    print(f"skipped {len(skipped)}:\n" + "\n".join(f"  {m}" for m in skipped))
-    more = f" (and {len(skipped) - 1} more, listed above)" if len(skipped) > 1 else ""
-    raise DataError(f"{len(skipped)} of {len(files)} input images skipped: {skipped[0]}{more}")
+  _fail_if_skipped(skipped, len(files))
   return {"predicted": predicted, "skipped": skipped, "output": out_dir, "step": step,
           "seconds_per_image": per_image}
 
@@ -483,9 +488,6 @@ def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"detected objects in {len(predicted)} of {len(files)} images with the step-{step} "
         f"checkpoint of {workdir} in {seconds:.1f} s; {len(results)} detections in "
         f"{os.path.join(out_dir, 'detections.json')}; pictures in {out_dir}")
-  if skipped:
-    print(f"skipped {len(skipped)}:\n" + "\n".join(f"  {m}" for m in skipped))
-    more = f" (and {len(skipped) - 1} more, listed above)" if len(skipped) > 1 else ""
-    raise DataError(f"{len(skipped)} of {len(files)} input images skipped: {skipped[0]}{more}")
+  _fail_if_skipped(skipped, len(files))
   return {"predicted": predicted, "skipped": skipped, "output": out_dir, "step": step,
           "detections": len(results)}
