@@ -117,3 +117,22 @@ def test_a_bad_folder_lists_every_problem_and_writes_nothing(tmp_path):
   for name, why in expectations.items():
     assert any(name in line and why in line for line in lines[1:]), (name, lines)
   assert not os.path.exists(cache / "seg_decathlon") or not os.listdir(cache / "seg_decathlon")
+
+
+def test_the_example_folder_is_a_sound_decathlon_task(tmp_path):
+  """examples/make_decathlon_dataset.py writes what the dataset reads: its labels, its fold,
+  its spacing, and labels equal to what was written (read back with nibabel)."""
+  from examples import make_decathlon_dataset as example
+  root, cache = tmp_path / "task", tmp_path / "cache"
+  cases = example.write(str(root), num_cases=4, num_val=1, size=16)
+  config = _config(root, cache)
+  assert config.dataset.num_classes == 3
+  volume_set, names = decathlon.prepare(config, str(cache))
+  assert names == ["background", "organ", "lesion"]
+  assert [c.id for c in volume_set.splits["train"]] == cases[:3]
+  assert [c.id for c in volume_set.splits["validation"]] == cases[3:]
+  for case in volume_set.splits["train"]:
+    assert case.spacing == (2.5, 1.5, 1.5)  # (D, H, W): the written spacing is the median
+    written = nib.load(str(root / "labelsTr" / f"{case.id}.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(case.mask, written.transpose(2, 1, 0))
+  assert any(case.mask.any() for case in volume_set.splits["train"])
