@@ -89,13 +89,11 @@ def to_original_grid(labels: np.ndarray, original) -> np.ndarray:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Segments every scan of config.predict.input; returns {'predicted', 'output', 'step',
+  """Segments every scan of config.predict.input (predict.run has checked it); returns {'predicted', 'output', 'step',
   'seconds_per_case'}."""
   from seg_jax import train  # imports TensorFlow; keep this module light without it
   nib = decathlon._nib()  # pylint: disable=protected-access
   p, d = config.predict, config.dataset
-  if not p.input:
-    raise config_lib.ConfigError("config.predict.input='': name the NIfTI scans to segment")
   if p.batch_size % jax.device_count():
     raise config_lib.ConfigError(f"config.predict.batch_size={p.batch_size}: must be a multiple "
                                  f"of the number of devices ({jax.device_count()})")

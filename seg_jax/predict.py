@@ -314,17 +314,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   from seg_jax import train  # imports TensorFlow (datasets); keep this module light without it
   p = config.predict
+  if not p.input:
+    raise config_lib.ConfigError("config.predict.input='': name the files to segment, e.g. "
+                                 "--config.predict.input='images/*.png'")
+  if jax.process_count() > 1:
+    raise config_lib.ConfigError("--mode=predict runs in a single process (jax.process_count() "
+                                 f"is {jax.process_count()})")
   if config_lib.task(config) == "volumetric":
     from seg_jax import nifti_predict  # NIfTI scans in, NIfTI labels out
     return nifti_predict.run(config, workdir)
   if config_lib.task(config) == "instance":
     return run_detector(config, workdir)
-  if not p.input:
-    raise config_lib.ConfigError("config.predict.input='': name the images to segment, e.g. "
-                                 "--config.predict.input='images/*.png'")
-  if jax.process_count() > 1:
-    raise config_lib.ConfigError("--mode=predict runs in a single process (jax.process_count() "
-                                 f"is {jax.process_count()})")
   if p.batch_size % jax.device_count():
     raise config_lib.ConfigError(f"config.predict.batch_size={p.batch_size}: must be a multiple "
                                  f"of the number of devices ({jax.device_count()})")
@@ -400,7 +400,7 @@ def instance_id_map(boxes: np.ndarray, scores: np.ndarray, masks: np.ndarray | N
 
 
 def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """--mode=predict with a Mask R-CNN / Faster R-CNN workdir.
+  """--mode=predict with a Mask R-CNN / Faster R-CNN workdir (from `run`, which checks the input).
 
   Every image is shown to the detector as evaluation shows it (dataset.resize, padded to a
   multiple of dataset.eval_pad_multiple; one compiled step per canvas size) and the
@@ -417,12 +417,6 @@ def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from seg_jax.data import pipeline
   from seg_jax.data import transforms
   p, d = config.predict, config.dataset
-  if not p.input:
-    raise config_lib.ConfigError("config.predict.input='': name the images, e.g. "
-                                 "--config.predict.input='images/*.png'")
-  if jax.process_count() > 1:
-    raise config_lib.ConfigError("--mode=predict runs in a single process (jax.process_count() "
-                                 f"is {jax.process_count()})")
   files = find_inputs(p.input)
   _check_unique_stems(files)
   out_dir = os.path.expanduser(p.output) if p.output else os.path.join(workdir, "predictions")
