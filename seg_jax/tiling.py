@@ -126,12 +126,17 @@ class RowBandBlender:
     if col < len(plan.xs) - 1:
       return None
     end = plan.ys[row + 1] if row + 1 < len(plan.ys) else plan.height
-    done = end - self._top
-    finished = self._sums[:done] / self._weights[:done]
-    for buffer in (self._sums, self._weights):
-      _shift_up(buffer, done)
     first, self._top = self._top, end
-    return first, finished
+    return first, _release(self._sums, self._weights, end - first)
+
+
+def _release(sums: np.ndarray, weights: np.ndarray, rows: int) -> np.ndarray:
+  """The blended first `rows` rows of a band's running sums and weights; both buffers then move
+  up by those rows."""
+  finished = sums[:rows] / weights[:rows]
+  for buffer in (sums, weights):
+    _shift_up(buffer, rows)
+  return finished
 
 
 def _shift_up(buffer: np.ndarray, rows: int) -> None:
@@ -240,9 +245,5 @@ class SlabBlender:
     if within < self._per_slab - 1:
       return None
     end = plan.starts[0][slab + 1] if slab + 1 < len(plan.starts[0]) else plan.shape[0]
-    done = end - self._top
-    finished = self._sums[:done] / self._weights[:done]
-    for buffer in (self._sums, self._weights):
-      _shift_up(buffer, done)
     first, self._top = self._top, end
-    return first, finished
+    return first, _release(self._sums, self._weights, end - first)

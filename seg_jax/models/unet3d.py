@@ -14,6 +14,7 @@ along each axis (`input_multiples`).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -37,43 +38,32 @@ def input_multiples(depth: int, strides: tuple) -> tuple[int, int, int]:
   return tuple(math.prod(s[axis] for s in per_level) for axis in range(3))
 
 
-class ResidualUnit(nn.Module):
-  """Two conv-norm layers with an identity (or 1x1x1 projected) shortcut, then ReLU.
+class ConvUnit3D(nn.Module):
+  """Two 3x3x3 conv-norm layers, the first taking the level's stride, each followed by ReLU.
 
-  The first conv takes the stride; the shortcut is projected when the stride or the channel
-  count changes (MONAI's ResidualUnit with subunits=2 does the same, with a 3x3x3 projection).
+  With `residual`, the second's ReLU comes after adding a shortcut: identity, or a 1x1x1
+  projection when the stride or the channel count changes (MONAI's ResidualUnit with
+  subunits=2 does the same, with a 3x3x3 projection).
   """
   features: int
   norm: layers.Norm
   strides: tuple[int, int, int] = (1, 1, 1)
+  residual: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     y = layers.ConvNormAct(self.features, norm=self.norm, dtype=self.dtype, rank=3,
                            strides=self.strides, name="conv1")(x, train=train)
-    y = layers.ConvNormAct(self.features, norm=self.norm, dtype=self.dtype, rank=3, relu=False,
-                           name="conv2")(y, train=train)
+    y = layers.ConvNormAct(self.features, norm=self.norm, dtype=self.dtype, rank=3,
+                           relu=not self.residual, name="conv2")(y, train=train)
+    if not self.residual:
+      return y
     shortcut = x
     if self.strides != (1, 1, 1) or x.shape[-1] != self.features:
       shortcut = layers.Conv(self.features, (1, 1, 1), strides=self.strides, dtype=self.dtype,
                              name="shortcut")(x)
     return nn.relu(y + shortcut)
-
-
-class DoubleConv3D(nn.Module):
-  """Two 3x3x3 conv-norm-ReLU layers; the first takes the level's stride."""
-  features: int
-  norm: layers.Norm
-  strides: tuple[int, int, int] = (1, 1, 1)
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, *, train: bool):
-    x = layers.ConvNormAct(self.features, norm=self.norm, dtype=self.dtype, rank=3,
-                           strides=self.strides, name="conv1")(x, train=train)
-    return layers.ConvNormAct(self.features, norm=self.norm, dtype=self.dtype, rank=3,
-                              name="conv2")(x, train=train)
 
 
 class UNet3D(nn.Module):
@@ -96,7 +86,7 @@ class UNet3D(nn.Module):
                        f"got {x.shape}")
     x = x.astype(self.dtype)
     norm = layers.Norm(kind=self.norm, groups=self.norm_groups, dtype=self.dtype)
-    block_type = ResidualUnit if self.residual else DoubleConv3D
+    block_type = functools.partial(ConvUnit3D, residual=self.residual)
     widths = level_widths(self.width, self.max_width, len(level_strides(self.depth, self.strides)))
     strides = level_strides(self.depth, self.strides)
     skips = []
