@@ -87,22 +87,7 @@ class CocoEvaluator:
                   "categories": [{"id": i + 1, "name": n} for i, n in enumerate(self.class_names)]}
     with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints its progress
       gt.createIndex()
-    results = {}
-    for kind, prefix in (("bbox", "box"), ("segm", "mask")):
-      if kind == "segm" and not self.with_masks:
-        continue
-      if not self._dt:
-        results.update({f"{prefix}_{n}": 0.0 for n in STAT_NAMES})
-        continue
-      with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes([dict(d) for d in self._dt])
-        evaluator = cocoeval.COCOeval(gt, dt, kind)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-      for name, value in zip(STAT_NAMES, evaluator.stats[:6]):
-        results[f"{prefix}_{name}"] = float(value) if value >= 0 else float("nan")
-    return results
+    return _cocoeval_scores(gt, self._dt, with_masks=self.with_masks)
 
 
 # ---------------------------------------------------------------------------- the user's own terms
@@ -160,7 +145,13 @@ def score_results(json_path: str, results: list[dict], *, with_masks: bool = Tru
                   ) -> dict[str, float]:
   """COCO box (and mask) AP of COCO-format `results` against the annotation file `json_path`,
   by pycocotools' COCOeval over every image of the file; names as `CocoEvaluator.compute`."""
-  gt = load_ground_truth(json_path)
+  return _cocoeval_scores(load_ground_truth(json_path), results, with_masks=with_masks)
+
+
+def _cocoeval_scores(gt: coco_api.COCO, results: list[dict], *, with_masks: bool
+                     ) -> dict[str, float]:
+  """box_<stat> (and mask_<stat>) of COCOeval over `results` against `gt`; 0 without results,
+  nan where COCOeval has no value (-1)."""
   scores = {}
   for kind, prefix in (("bbox", "box"), ("segm", "mask")):
     if kind == "segm" and not with_masks:
@@ -168,7 +159,7 @@ def score_results(json_path: str, results: list[dict], *, with_masks: bool = Tru
     if not results:
       scores.update({f"{prefix}_{n}": 0.0 for n in STAT_NAMES})
       continue
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):   # pycocotools prints its progress
       evaluator = cocoeval.COCOeval(gt, gt.loadRes([dict(r) for r in results]), kind)
       evaluator.evaluate()
       evaluator.accumulate()
