@@ -15,10 +15,12 @@ prints one JSON line with the median step times and `ratio` = MONAI's step time 
 import json
 import os
 import platform
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--worker=torch" in sys.argv:
+  # First: PyPI's torch crashes (SIGSEGV) when it is imported after TensorFlow's libraries.
+  import torch  # pylint: disable=unused-import
 from seg_jax import xla_flags
 
 xla_flags.set_default_xla_flags()
@@ -28,7 +30,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from benchmarks import compare_torch  # its worker protocol and flags (batch_size, steps, ...)
+from benchmarks import compare_torch  # its flags (batch_size, steps, ...)
 from benchmarks import harness
 from seg_jax import config as config_lib
 
@@ -88,27 +90,19 @@ def monai_step(images, labels):
   return run, sum(p.numel() for p in model.parameters())
 
 
-def _start_worker(name: str):
-  worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={name}",
-                             *sys.argv[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
-  return worker, json.loads(compare_torch._reply(worker))
-
-
 def main(_):
   ct = compare_torch
   if ct._WORKER.value == "seg_jax":
     run, compile_s, params = seg_jax_step(*_inputs())
-    return ct._serve(run, {"compile_s": compile_s, "params": params, "jax": jax.__version__})
+    return harness.serve(run, {"compile_s": compile_s, "params": params, "jax": jax.__version__})
   if ct._WORKER.value == "torch":
     import monai
     run, params = monai_step(*_inputs())
-    return ct._serve(run, {"params": params, "monai": monai.__version__})
-  (jax_worker, jax_info), (monai_worker, monai_info) = map(_start_worker, ("seg_jax", "torch"))
-  jax_s, monai_s = ct.interleaved_median_seconds([jax_worker, monai_worker], ct._STEPS.value)
-  for worker in (jax_worker, monai_worker):
-    worker.stdin.close()
-    worker.wait()
+    return harness.serve(run, {"params": params, "monai": monai.__version__})
+  (jax_worker, jax_info), (monai_worker, monai_info) = (
+      harness.start_worker(__file__, name) for name in ("seg_jax", "torch"))
+  jax_s, monai_s = harness.interleaved_median_seconds([jax_worker, monai_worker],
+                                                      ct._STEPS.value)
   print(json.dumps({
       "benchmark": "compare_monai", "model": "unet3d", "batch_size": ct._BATCH.value,
       "patch": list(_patch()), "num_classes": ct._CLASSES.value,

@@ -9,20 +9,18 @@ as a 1x1 conv to 4*C plus depth-to-space, whose bias is per sub-pixel: 3*C more 
 level), skip concatenation, a 1x1 head; pixel cross-entropy; Adam at 1e-3. PyTorch runs
 channels_last (its fastest CPU layout). Prints one JSON line: median step times after warm-up,
 images/s of each, analytic GFLOP/step and the speed ratio (seg_jax img/s / PyTorch img/s).
-Each framework runs in its own worker process, so neither shares thread pools or OpenMP
-runtime with the other (PyTorch and seg_jax's oneDNN convolutions both use libgomp), and the
-two are stepped alternately, one step each in turn while the other waits idle, so that a
-machine whose speed drifts during the run (a shared VM) slows both alike.
+Each framework runs in its own worker process, the two stepped alternately (benchmarks/harness.py).
 """
 
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--worker=torch" in sys.argv:
+  # First: PyPI's torch crashes (SIGSEGV) when it is imported after TensorFlow's libraries.
+  import torch  # pylint: disable=unused-import
 from seg_jax import host_memory  # before jax is imported; SEG_JAX_REUSE_HOST_MEMORY=1 to use
 from seg_jax import xla_flags  # SEG_JAX_PLAIN_XLA=1 for plain XLA
 
@@ -52,48 +50,6 @@ _STEPS = flags.DEFINE_integer("steps", 15, "Timed steps (after 3 warm-up steps),
 
 _WORKER = flags.DEFINE_enum("worker", None, ["seg_jax", "torch"],
                             "Internal: run as the worker process of one framework.")
-_PROTOCOL = "@@"  # prefixes the workers' protocol lines; anything else on stdout is ignored
-
-
-def _serve(run, info: dict) -> None:
-  """Worker side: announce `info`, then run one step per 'step' line read, reporting seconds."""
-  print(_PROTOCOL + json.dumps(info), flush=True)
-  for line in sys.stdin:
-    if line.strip() != "step":
-      return
-    t0 = time.perf_counter()
-    run()
-    print(f"{_PROTOCOL}{time.perf_counter() - t0}", flush=True)
-
-
-def _reply(worker: subprocess.Popen) -> str:
-  for line in worker.stdout:
-    if line.startswith(_PROTOCOL):
-      return line[len(_PROTOCOL):].strip()
-  raise RuntimeError(f"benchmark worker {worker.args[2]} exited with {worker.wait()}")
-
-
-def _start_worker(name: str) -> tuple[subprocess.Popen, dict]:
-  worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--worker={name}",
-                             *sys.argv[1:]], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
-  return worker, json.loads(_reply(worker))
-
-
-def interleaved_median_seconds(workers: list, steps: int) -> list[float]:
-  """Median seconds per step of each worker, stepping them in turn `steps` times after 3
-  warm-up rounds."""
-  times = [[] for _ in workers]
-  for i in range(3 + steps):
-    for worker, own in zip(workers, times):
-      worker.stdin.write("step\n")
-      worker.stdin.flush()
-      seconds = float(_reply(worker))
-      if i >= 3:
-        own.append(seconds)
-  return [float(np.median(own)) for own in times]
-
-
 def _inputs() -> tuple[np.ndarray, np.ndarray]:
   """The same images and labels in both workers."""
   rng = np.random.default_rng(0)
@@ -176,16 +132,14 @@ def torch_step(images: np.ndarray, labels: np.ndarray):
 def main(_):
   if _WORKER.value == "seg_jax":
     run, compile_s, params = seg_jax_step(*_inputs())
-    return _serve(run, {"compile_s": compile_s, "params": params, "jax": jax.__version__})
+    return harness.serve(run, {"compile_s": compile_s, "params": params, "jax": jax.__version__})
   if _WORKER.value == "torch":
     import torch
     run, params = torch_step(*_inputs())
-    return _serve(run, {"params": params, "torch": torch.__version__})
-  (jax_worker, jax_info), (torch_worker, torch_info) = map(_start_worker, ("seg_jax", "torch"))
-  jax_s, torch_s = interleaved_median_seconds([jax_worker, torch_worker], _STEPS.value)
-  for worker in (jax_worker, torch_worker):
-    worker.stdin.close()
-    worker.wait()
+    return harness.serve(run, {"params": params, "torch": torch.__version__})
+  (jax_worker, jax_info), (torch_worker, torch_info) = (
+      harness.start_worker(__file__, name) for name in ("seg_jax", "torch"))
+  jax_s, torch_s = harness.interleaved_median_seconds([jax_worker, torch_worker], _STEPS.value)
   b, s = _BATCH.value, _SIZE.value
   compile_s = jax_info["compile_s"]
   gflop = 3 * flop_count.unet_forward_flops(b, s, 3, _WIDTH.value, _DEPTH.value,

@@ -6,6 +6,7 @@ import numpy as np
 
 from seg_jax import config as config_lib
 from seg_jax import registry
+from seg_jax.data import image_io
 from seg_jax.data.errors import DataError
 
 
@@ -22,7 +23,7 @@ SYNTHETIC = registry.register_dataset(registry.DatasetEntry(
 def batch(config) -> dict:
   """One host batch of the data contract: random pixels and labels for semantic models; for
   detectors, scenes of the shapes generator with their padded instances (a detector's cost
-  depends on how many objects it matches)."""
+  depends on how many objects it matches), normalised as `model.input_normalization` says."""
   size, b = config.dataset.image_size, config.batch_size
   rng = np.random.default_rng(0)
   if config_lib.task(config) == "semantic":
@@ -37,7 +38,8 @@ def batch(config) -> dict:
   for i in range(b):
     scene = shapes.generate_scene(rng, size)
     n = min(len(scene["labels"]), m)
-    out["image"][i] = scene["image"] / 127.5 - 1.0
+    out["image"][i] = image_io.unit_to_model_input(scene["image"] / 255.0,
+                                                   config.model.input_normalization)
     out["mask"][i] = scene["mask"]
     out["boxes"][i, :n] = scene["boxes"][:n]
     out["classes"][i, :n] = scene["labels"][:n]

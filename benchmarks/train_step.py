@@ -39,11 +39,8 @@ from ml_collections import config_flags
 
 from benchmarks import flops as flop_count
 from benchmarks import harness
-from benchmarks import synthetic_data
 from seg_jax import config as config_lib
 from seg_jax import models
-from seg_jax import parallel
-from seg_jax import train
 from seg_jax.models import segformer
 from seg_jax.ops import conv as conv_ops
 
@@ -54,22 +51,8 @@ _STEP = flags.DEFINE_enum("step", "train", ["train", "eval"], "Which jitted step
 
 def main(_):
   config = _CONFIG.value
-  mesh, model, tx, schedule = harness.build(config)
-  state = train.create_train_state(config, model, tx, mesh)
   size, b = config.dataset.image_size, config.batch_size
-  host_batch = synthetic_data.batch(config)
-  if _STEP.value == "eval":
-    host_batch["valid"] = np.ones((b,), bool)
-  batch = parallel.host_batch_to_global(host_batch, mesh)
-  def jitted(config):
-    if _STEP.value == "train":
-      return jax.jit(lambda s, x: train.train_step(s, x, model=model, tx=tx, schedule=schedule,
-                                                   config=config), donate_argnums=0)
-    return jax.jit(lambda s, x: train.eval_step(s, x, model=model, config=config))
-
-  t0 = time.perf_counter()
-  compiled = jitted(config).lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, state, batch, compile_s, jitted = harness.synthetic_step(config, _STEP.value)
   # XLA counts no FLOPs in custom calls (oneDNN's convolutions), so the count comes from the
   # same step with XLA's convolutions, lowered but not compiled.
   xla_convs = config.copy_and_resolve_references()

@@ -143,7 +143,8 @@ def dense_kernel(weight: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(weight.T)
 
 
-def _set(tree: dict, path: str, value: np.ndarray) -> None:
+def set_path(tree: dict, path: str, value: np.ndarray) -> None:
+  """tree['a']['b']['c'] = value for path 'a/b/c', creating the dicts on the way."""
   *parents, leaf = path.split("/")
   for name in parents:
     tree = tree.setdefault(name, {})
@@ -178,19 +179,19 @@ def convert_torchvision_resnet(tensors: Tensors, hf_config: dict | None = None) 
   def put_bn(module: str, field: str, value):
     if field in _TORCH_BN:
       collection, name = _TORCH_BN[field]
-      _set(out, f"{collection}/{module}/{name}", value)
+      set_path(out, f"{collection}/{module}/{name}", value)
 
   for name, value in tensors.items():
     if name == "conv1.weight":
-      _set(out, "params/stem_conv/kernel", conv_kernel(value))
+      set_path(out, "params/stem_conv/kernel", conv_kernel(value))
     elif name.startswith("bn1."):
       put_bn("BatchNorm_0", name[len("bn1."):], value)
     elif name in ("fc.weight", "fc.bias"):
-      _set(out, f"params/fc/{'kernel' if name == 'fc.weight' else 'bias'}",
+      set_path(out, f"params/fc/{'kernel' if name == 'fc.weight' else 'bias'}",
            dense_kernel(value) if name == "fc.weight" else value)
     elif m := _RESNET_CONV.fullmatch(name):
       stage, block, k = m.groups()
-      _set(out, f"params/stage{stage}_block{int(block) + 1}/Conv_{int(k) - 1}/kernel",
+      set_path(out, f"params/stage{stage}_block{int(block) + 1}/Conv_{int(k) - 1}/kernel",
            conv_kernel(value))
     elif m := _RESNET_BN.fullmatch(name):
       stage, block, k, field = m.groups()
@@ -199,11 +200,11 @@ def convert_torchvision_resnet(tensors: Tensors, hf_config: dict | None = None) 
       stage, block, index, field = m.groups()
       prefix = f"stage{stage}_block{int(block) + 1}"
       if index == "0":
-        _set(out, f"params/{prefix}/proj/kernel", conv_kernel(value))
+        set_path(out, f"params/{prefix}/proj/kernel", conv_kernel(value))
       else:
         put_bn(f"{prefix}/{proj_norm}", field, value)
     elif not name.endswith("num_batches_tracked"):
-      _set(out, f"params/unrecognised/{name.replace('.', '/')}", value)
+      set_path(out, f"params/unrecognised/{name.replace('.', '/')}", value)
   return out
 
 

@@ -10,13 +10,16 @@ image size and runs data-parallel like the semantic models:
   per image, padded, with a validity mask (`rpn.generate_proposals`);
 - ground truth comes padded to G boxes per image with `gt_valid`;
 - the second stage samples exactly `roi_num_samples` RoIs per image, foreground
-  first (`roi_heads.sample_rois`), and the mask head runs on the first
-  `roi_num_samples * roi_positive_fraction` of them, which hold every sampled
-  foreground RoI (padding rows carry no loss);
+  first (`roi_heads.sample_rois`), and the mask head runs on the first rows
+  of them, which hold every sampled foreground RoI (at most
+  `roi_num_samples * roi_positive_fraction`; padding rows carry no loss);
 - inference keeps `detections_per_image` boxes per image with a validity mask.
 
 The price of static shapes: padded rows cost compute, and the budgets
-(G, proposals, RoIs, detections) are fixed per config rather than per image.
+(G, proposals, RoIs, detections) are fixed per config rather than per image. The
+mask head, the costliest part per row, runs on the smallest of a ladder of static
+budgets that holds the real rows (`budgets.py`): its foreground RoIs in training,
+its valid detections at inference.
 
 Targets (train): `gt_boxes [N, G, 4]` (y0, x0, y1, x1) in pixels, `gt_classes
 [N, G]` in 1..K, `gt_valid [N, G]` bool, and for masks `gt_masks [N, G, H, W]`.
@@ -34,15 +37,18 @@ import jax.numpy as jnp
 from seg_jax import registry
 from seg_jax.models import resnet
 from seg_jax.models.detection import anchors as anchor_ops
+from seg_jax.models.detection import budgets
 from seg_jax.models.detection import fpn as fpn_ops
 from seg_jax.models.detection import postprocess
 from seg_jax.models.detection import roi_align as roi_ops
 from seg_jax.models.detection import roi_heads
 from seg_jax.models.detection import rpn as rpn_ops
 from seg_jax.models.detection import targets as target_ops
+from seg_jax.models.detection import torchvision_weights  # registers its init_from layout
 
 RPN_LEVELS = (2, 3, 4, 5, 6)   # P2-P6 for proposals
 ROI_LEVELS = (2, 3, 4, 5)      # P2-P5 for RoIAlign
+ROI_KEYS = tuple(f"p{k}" for k in ROI_LEVELS)
 
 
 class MaskRCNN(nn.Module):
@@ -87,8 +93,37 @@ class MaskRCNN(nn.Module):
 
   def _pool(self, pyramid, boxes, size):
     return roi_ops.multilevel_roi_align(
-        [pyramid[f"p{k}"] for k in ROI_LEVELS], boxes, min_level=ROI_LEVELS[0], output_size=size,
+        [pyramid[k] for k in ROI_KEYS], boxes, min_level=ROI_LEVELS[0], output_size=size,
         sampling_ratio=2, canonical_size=self.canonical_size)
+
+  def _mask_head(self) -> roi_heads.MaskHead:
+    """The mask head as a pure function of its parameters (`parent=None`): it runs inside
+    `budgets`' switch branches and custom gradient, where flax modules cannot be bound."""
+    return roi_heads.MaskHead(self.num_classes, self.mask_head_features, dtype=self.dtype,
+                              parent=None)
+
+  def _mask_loss(self, rows: int, head_params, levels, constants) -> jax.Array:
+    """The mask loss over the first `rows` RoIs of each image (foreground RoIs come first)."""
+    gt_masks, rois = constants
+    fg_rois = jax.tree.map(lambda x: x[:, :rows], rois)
+    with jax.named_scope("mask_roi_align"):
+      pooled = self._pool(dict(zip(ROI_KEYS, levels)), fg_rois.boxes, self.mask_size // 2)
+    with jax.named_scope("mask_head"):
+      mask_logits = self._mask_head().apply({"params": head_params}, pooled)
+    with jax.named_scope("mask_targets"):
+      targets = roi_heads.mask_targets(gt_masks, fg_rois, size=self.mask_size)
+    with jax.named_scope("losses"):
+      return roi_heads.mask_loss(mask_logits, targets, fg_rois)
+
+  def _mask_probs(self, rows: int, head_params, levels, boxes, classes) -> jax.Array:
+    """`[N, D, M, M]` mask probabilities of the first `rows` detections' classes; 0 past them."""
+    with jax.named_scope("mask_roi_align"):
+      pooled = self._pool(dict(zip(ROI_KEYS, levels)), boxes[:, :rows], self.mask_size // 2)
+    with jax.named_scope("mask_head"):
+      mask_logits = self._mask_head().apply({"params": head_params}, pooled)  # [N, rows, M, M, K]
+    index = jnp.maximum(classes[:, :rows] - 1, 0)[..., None, None, None]
+    probs = jax.nn.sigmoid(jnp.take_along_axis(mask_logits, index, axis=-1)[..., 0])
+    return jnp.pad(probs, ((0, 0), (0, boxes.shape[1] - rows), (0, 0), (0, 0)))
 
   @nn.compact
   def __call__(self, images: jax.Array, targets: dict | None = None, *, train: bool):
@@ -102,48 +137,66 @@ class MaskRCNN(nn.Module):
     num_anchors = anchor_ops.num_anchors_per_cell(self._level_sizes[0], self.aspect_ratios)
     logits, deltas = rpn_ops.RPNHead(num_anchors, self.dtype, name="rpn")(
         [pyramid[f"p{k}"] for k in RPN_LEVELS])
-    proposals, _, proposal_valid = rpn_ops.generate_proposals(
-        logits, deltas, level_anchors, image_size, pre_nms_topk=self.rpn_pre_nms_topk,
-        post_nms_topk=self.rpn_post_nms_topk, iou_threshold=self.rpn_nms_threshold)
+    with jax.named_scope("proposals"):
+      proposals, _, proposal_valid = rpn_ops.generate_proposals(
+          logits, deltas, level_anchors, image_size, pre_nms_topk=self.rpn_pre_nms_topk,
+          post_nms_topk=self.rpn_post_nms_topk, iou_threshold=self.rpn_nms_threshold)
     box_head = roi_heads.BoxHead(self.num_classes, self.box_head_hidden, self.dtype,
                                  name="box_head")
-    mask_head = (roi_heads.MaskHead(self.num_classes, self.mask_head_features, dtype=self.dtype,
-                                    name="mask_head") if self.with_masks else None)
-    half = self.mask_size // 2
+    if self.with_masks:
+      # A submodule named mask_head owns the parameters (initialised as any submodule's);
+      # the head then runs as a pure function of them (`_mask_head`).
+      owner = roi_heads.MaskHead(self.num_classes, self.mask_head_features, dtype=self.dtype,
+                                 name="mask_head")
+      if self.is_initializing():
+        half = self.mask_size // 2
+        owner(jnp.zeros((1, half, half, self.fpn_features), jnp.float32))
+      mask_head_params = owner.variables["params"]
+      levels = [pyramid[k] for k in ROI_KEYS]
 
     if not train:
-      class_logits, box_deltas = box_head(self._pool(pyramid, proposals, 7))
-      boxes, scores, classes, valid = postprocess.detect(
-          class_logits, box_deltas, proposals, proposal_valid, image_size,
-          score_threshold=self.score_threshold, iou_threshold=self.nms_threshold,
-          max_detections=self.detections_per_image)
+      with jax.named_scope("box_roi_align"):
+        pooled = self._pool(pyramid, proposals, 7)
+      class_logits, box_deltas = box_head(pooled)
+      with jax.named_scope("detect"):
+        boxes, scores, classes, valid = postprocess.detect(
+            class_logits, box_deltas, proposals, proposal_valid, image_size,
+            score_threshold=self.score_threshold, iou_threshold=self.nms_threshold,
+            max_detections=self.detections_per_image)
       out = {"boxes": boxes, "scores": scores, "classes": classes, "valid": valid}
-      if mask_head is not None:
-        mask_logits = mask_head(self._pool(pyramid, boxes, half))             # [N, D, M, M, K]
-        index = jnp.maximum(classes - 1, 0)[..., None, None, None]
-        out["masks"] = jax.nn.sigmoid(jnp.take_along_axis(mask_logits, index, axis=-1)[..., 0])
+      if self.with_masks:
+        # Detections come valid first, so the head runs on the fewest rows holding them all.
+        out["masks"] = budgets.on_budget(jnp.max(jnp.sum(valid, axis=1)),
+                                         self.detections_per_image, self._mask_probs,
+                                         mask_head_params, levels, boxes, classes)
       return out
 
     rpn_key, roi_key = jax.random.split(self.make_rng("sampling"))
-    all_anchors = jnp.concatenate([jnp.asarray(a) for a in level_anchors], axis=0)
-    positive, negative, target_deltas = target_ops.rpn_targets(
-        all_anchors, targets["gt_boxes"], targets["gt_valid"], rpn_key,
-        num_samples=self.rpn_num_samples)
-    losses = target_ops.rpn_loss(logits, deltas, positive, negative, target_deltas,
-                                 num_samples=self.rpn_num_samples)
-    rois = roi_heads.sample_rois(proposals, proposal_valid, targets["gt_boxes"],
-                                 targets["gt_classes"], targets["gt_valid"], roi_key,
-                                 num_samples=self.roi_num_samples,
-                                 positive_fraction=self.roi_positive_fraction)
-    class_logits, box_deltas = box_head(self._pool(pyramid, rois.boxes, 7))
-    losses.update(roi_heads.fast_rcnn_loss(class_logits, box_deltas, rois))
-    if mask_head is not None:
-      # Foreground rows come first and number at most this many.
-      num_fg = int(self.roi_num_samples * self.roi_positive_fraction)
-      fg_rois = jax.tree.map(lambda x: x[:, :num_fg], rois)
-      mask_logits = mask_head(self._pool(pyramid, fg_rois.boxes, half))
-      mask_targets = roi_heads.mask_targets(targets["gt_masks"], fg_rois, size=self.mask_size)
-      losses["mask"] = roi_heads.mask_loss(mask_logits, mask_targets, fg_rois)
+    # The named scopes label the parts in profiles (benchmarks/profile_step.py).
+    with jax.named_scope("rpn_targets"):
+      all_anchors = jnp.concatenate([jnp.asarray(a) for a in level_anchors], axis=0)
+      positive, negative, target_deltas = target_ops.rpn_targets(
+          all_anchors, targets["gt_boxes"], targets["gt_valid"], rpn_key,
+          num_samples=self.rpn_num_samples)
+    with jax.named_scope("losses"):
+      losses = target_ops.rpn_loss(logits, deltas, positive, negative, target_deltas,
+                                   num_samples=self.rpn_num_samples)
+    with jax.named_scope("roi_sampling"):
+      rois = roi_heads.sample_rois(proposals, proposal_valid, targets["gt_boxes"],
+                                   targets["gt_classes"], targets["gt_valid"], roi_key,
+                                   num_samples=self.roi_num_samples,
+                                   positive_fraction=self.roi_positive_fraction)
+    with jax.named_scope("box_roi_align"):
+      pooled = self._pool(pyramid, rois.boxes, 7)
+    class_logits, box_deltas = box_head(pooled)
+    with jax.named_scope("losses"):
+      losses.update(roi_heads.fast_rcnn_loss(class_logits, box_deltas, rois))
+    if self.with_masks:
+      # Foreground RoIs come first; the head runs on the fewest rows holding every image's.
+      losses["mask"] = budgets.scalar_loss(
+          jnp.max(jnp.sum(rois.foreground, axis=1)),
+          int(self.roi_num_samples * self.roi_positive_fraction), self._mask_loss,
+          mask_head_params, levels, (targets["gt_masks"], rois))
     losses["roi_foreground_fraction"] = rois.foreground.sum() / jnp.maximum(rois.valid.sum(), 1)
     return losses
 

@@ -161,9 +161,38 @@ def _gather_pool(flat, base, width, rows, row_weight, cols, col_weight):
   index = (base[:, None, None, None, None] + rows[:, :, None, :, None] * width[:, None, None, None, None]
            + cols[:, None, :, None, :]).reshape(r, out_h, out_w, taps_h * taps_w)
   weight = (row_weight[:, :, None, :, None] * col_weight[:, None, :, None, :]).reshape(index.shape)
-  values = flat[index]  # [R, oh, ow, taps, C]
-  return jnp.einsum("rpqk,rpqkc->rpqc", weight.astype(values.dtype), values,
-                    precision=jax.lax.Precision.HIGHEST)
+  return _weighted_gather(flat, index, weight.astype(flat.dtype))
+
+
+@jax.custom_vjp
+def _weighted_gather(flat, index, weight):
+  """`out[..., c] = sum_k weight[..., k] * flat[index[..., k], c]`."""
+  return jnp.einsum("rpqk,rpqkc->rpqc", weight, flat[index], precision=jax.lax.Precision.HIGHEST)
+
+
+def _weighted_gather_forward(flat, index, weight):
+  return _weighted_gather(flat, index, weight), (flat, index, weight)
+
+
+def _weighted_gather_backward(residuals, grad):
+  # The adjoint as a scatter-add per tap, in a loop: as one scatter of all the
+  # [R, oh, ow, taps, C] products (what differentiating the einsum gives), XLA:CPU fuses
+  # the products into the matmul that makes `grad` (the box head's first layer), which
+  # then runs 3x slower (benchmarks/profile_step.py); the loop keeps them apart and never
+  # holds more than one tap's products. The gather for the weights' gradient is
+  # recomputed, and removed by XLA when nothing needs the weights' (the boxes') gradient.
+  flat, index, weight = residuals
+
+  def add_tap(k, grad_flat):
+    return grad_flat.at[index[..., k]].add(weight[..., k, None] * grad)
+
+  grad_flat = jax.lax.fori_loop(0, index.shape[-1], add_tap, jnp.zeros_like(flat))
+  grad_weight = jnp.einsum("rpqkc,rpqc->rpqk", flat[index], grad,
+                           precision=jax.lax.Precision.HIGHEST)
+  return grad_flat, None, grad_weight
+
+
+_weighted_gather.defvjp(_weighted_gather_forward, _weighted_gather_backward)
 
 
 def _interpolation_matrix(index, weight, extent: int):
