@@ -19,8 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--worker=torch" in sys.argv:
-  # First: PyPI's torch crashes (SIGSEGV) when it is imported after TensorFlow's libraries.
-  import torch  # pylint: disable=unused-import
+  from benchmarks import torch_first  # pylint: disable=unused-import
 from seg_jax import host_memory  # before jax is imported; SEG_JAX_REUSE_HOST_MEMORY=1 to use
 from seg_jax import xla_flags  # SEG_JAX_PLAIN_XLA=1 for plain XLA
 

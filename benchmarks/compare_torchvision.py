@@ -45,8 +45,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--worker=torchvision" in sys.argv or "--profile_torchvision" in sys.argv:
-  # First: PyPI's torch crashes (SIGSEGV) when it is imported after TensorFlow's libraries.
-  import torch  # pylint: disable=unused-import
+  from benchmarks import torch_first  # pylint: disable=unused-import
   import torchvision  # pylint: disable=unused-import
 from seg_jax import host_memory  # before jax is imported
 from seg_jax import xla_flags  # SEG_JAX_PLAIN_XLA=1 for plain XLA
