@@ -200,7 +200,8 @@ def torchvision_runner(config):
   optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay)
 
   counted = []
-  if with_masks := hasattr(model.roi_heads, "mask_roi_pool") and model.roi_heads.mask_roi_pool:
+  with_masks = model.roi_heads.has_mask()
+  if with_masks:
     model.roi_heads.mask_roi_pool.register_forward_hook(
         lambda module, inputs, output: counted.append(output.shape[0]))
 

@@ -19,7 +19,6 @@ import numpy as np
 
 from benchmarks import synthetic_data
 from seg_jax import config as config_lib
-from seg_jax import init_from
 from seg_jax import parallel
 from seg_jax import train
 from seg_jax import models
@@ -74,9 +73,7 @@ def synthetic_step(config, which: str = "train") -> SyntheticStep:
   mesh, model, tx, schedule = build(config)
   state = train.create_train_state(config, model, tx, mesh)
   if config.model.init_from:  # as the Trainer starts a run
-    variables, _ = init_from.initialize(
-        {"params": state.params, "batch_stats": state.batch_stats}, config.model.init_from)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    state, _ = train.initialized_from(state, config.model.init_from)
   host_batch = synthetic_data.batch(config)
   if which == "eval":
     host_batch["valid"] = np.ones((config.batch_size,), bool)

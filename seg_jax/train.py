@@ -245,6 +245,14 @@ def model_variables(state: TrainState) -> dict:
   return variables
 
 
+def initialized_from(state: TrainState, path: str) -> tuple[TrainState, "init_from.InitReport"]:
+  """`state` with the parameters and batch statistics `path` has for its model
+  (`model.init_from`), and the report of what was loaded."""
+  variables, report = init_from.initialize(
+      {"params": state.params, "batch_stats": state.batch_stats}, path)
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"]), report
+
+
 def inference_variables(state: TrainState) -> dict:
   """The variables evaluation, predict and export use: the EMA of the weights when the run
   keeps one (optimizer.ema_decay > 0), else the weights.
@@ -425,14 +433,13 @@ class Trainer:
   def _init_from(self, state: TrainState, path: str) -> TrainState:
     """`state` with the parameters and batch statistics `path` has for this model; logs the
     report and, on process 0, writes it to WORKDIR/init_from.txt."""
-    variables, report = init_from.initialize(
-        {"params": state.params, "batch_stats": state.batch_stats}, path)
+    state, report = initialized_from(state, path)
     summary = report.summary()
     logging.info("%s", summary)
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, "init_from.txt"), "w") as f:
         f.write(report.summary(max_listed=10**9) + "\n")
-    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    return state
 
   def _restore(self, manager: ocp.CheckpointManager, step: int) -> TrainState:
     create = lambda: create_train_state(self.config, self.model, self.tx, self.mesh,

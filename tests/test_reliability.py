@@ -167,6 +167,18 @@ def uninterrupted(data_dir, prepared, tmp_path_factory):
   return workdir
 
 
+def _assert_stops_after_saving(command, workdir, steps, signum, step):
+  """One stop request while step `step`'s batch is read: the step finishes, is saved and
+  logged, and the process says so and exits 0."""
+  code, stderr = _interrupt(command, _env(pause_before_step=step), workdir, signum=signum)
+  assert code == 0, stderr[-3000:]
+  name = signal.Signals(signum).name
+  assert f"{name} received: stopped after step {step} and saved a checkpoint" in stderr
+  assert (f"stopped after step {step} on request; checkpoint saved; run the same command "
+          "again to resume") in stderr
+  assert max(steps()) == step == _last_logged_step(workdir)
+
+
 def test_kills_and_stop_requests_then_resume_end_bit_identical(data_dir, prepared, uninterrupted,
                                                                tmp_path):
   workdir = str(tmp_path)
@@ -177,12 +189,7 @@ def test_kills_and_stop_requests_then_resume_end_bit_identical(data_dir, prepare
                        checkpoint=10)
   assert code == -signal.SIGKILL
   # Ctrl-C while step 16's batch is being read: finish step 16, save it, exit 0.
-  code, stderr = _interrupt(command, _env(pause_before_step=16), workdir, signum=signal.SIGINT)
-  assert code == 0, stderr[-3000:]
-  assert "SIGINT received: stopped after step 16 and saved a checkpoint" in stderr
-  assert ("stopped after step 16 on request; checkpoint saved; run the same command again to "
-          "resume") in stderr
-  assert max(steps()) == 16 == _last_logged_step(workdir)
+  _assert_stops_after_saving(command, workdir, steps, signal.SIGINT, 16)
   # Ctrl-C twice while step 23's batch is being read (step 20's checkpoint committed): it stops
   # at once, as Python's KeyboardInterrupt does: no step 23, no save, killed by SIGINT.
   code, stderr = _interrupt(command, _env(pause_before_step=23), workdir, signum=signal.SIGINT,
@@ -191,12 +198,7 @@ def test_kills_and_stop_requests_then_resume_end_bit_identical(data_dir, prepare
   assert "KeyboardInterrupt" in stderr and "stopped after step" not in stderr
   assert max(steps()) == 20 and _last_logged_step(workdir) == 22
   # SIGTERM while step 25's batch is being read: finish step 25, save it, exit 0.
-  code, stderr = _interrupt(command, _env(pause_before_step=25), workdir, signum=signal.SIGTERM)
-  assert code == 0, stderr[-3000:]
-  assert "SIGTERM received: stopped after step 25 and saved a checkpoint" in stderr
-  assert ("stopped after step 25 on request; checkpoint saved; run the same command again to "
-          "resume") in stderr
-  assert max(steps()) == 25 == _last_logged_step(workdir)
+  _assert_stops_after_saving(command, workdir, steps, signal.SIGTERM, 25)
   result = _run(command, _env())
   assert result.returncode == 0, result.stderr[-3000:]
 

@@ -60,23 +60,19 @@ def scalar_loss(count: jax.Array, rows: int, loss_fn: Callable[..., jax.Array], 
   if len(budgets) == 1:
     return loss_fn(rows, params, inputs, constants)
 
-  def value_and_grads(index, params, inputs, constants):
-    branches = [lambda p, x, c, k=k: jax.value_and_grad(
-        lambda p, x: loss_fn(k, p, x, c), argnums=(0, 1))(p, x) for k in budgets]
-    return lax.switch(index, branches, params, inputs, constants)
-
   @jax.custom_vjp
   def loss(index, params, inputs, constants):
     return lax.switch(index, [lambda p, x, c, k=k: loss_fn(k, p, x, c) for k in budgets],
                       params, inputs, constants)
 
-  def forward(index, params, inputs, constants):
-    value, grads = value_and_grads(index, params, inputs, constants)
-    return value, grads
+  def value_and_grads(index, params, inputs, constants):
+    branches = [lambda p, x, c, k=k: jax.value_and_grad(
+        lambda p, x: loss_fn(k, p, x, c), argnums=(0, 1))(p, x) for k in budgets]
+    return lax.switch(index, branches, params, inputs, constants)
 
   def backward(grads, cotangent):
     scaled = jax.tree.map(lambda g: g * cotangent, grads)
     return (None, *scaled, None)
 
-  loss.defvjp(forward, backward)
+  loss.defvjp(value_and_grads, backward)
   return loss(budget_index(count, budgets), params, inputs, constants)

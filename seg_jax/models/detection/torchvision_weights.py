@@ -62,6 +62,11 @@ def _conv(out: dict, module: str, leaf: str, value: np.ndarray) -> None:
                      init_from.conv_kernel(value) if leaf == "weight" else value)
 
 
+def _dense(out: dict, module: str, leaf: str, value: np.ndarray) -> None:
+  init_from.set_path(out, f"params/{module}/{_LEAF[leaf]}",
+                     init_from.dense_kernel(value) if leaf == "weight" else value)
+
+
 def convert(tensors: init_from.Tensors, hf_config: dict | None = None) -> dict:
   """The variables of `MaskRCNN` (module docstring), nested as flax names them."""
   del hf_config
@@ -88,19 +93,13 @@ def convert(tensors: init_from.Tensors, hf_config: dict | None = None) -> dict:
       channels = inputs // 49  # the 7x7 RoIAlign output, flattened channel-first
       kernel = value.reshape(hidden, channels, 7, 7).transpose(2, 3, 1, 0).reshape(inputs, hidden)
       init_from.set_path(out, "params/box_head/fc1/kernel", np.ascontiguousarray(kernel))
-    elif name in ("roi_heads.box_head.fc6.bias", "roi_heads.box_head.fc7.bias"):
-      init_from.set_path(out, f"params/box_head/{'fc1' if '.fc6.' in name else 'fc2'}/bias", value)
-    elif name == "roi_heads.box_head.fc7.weight":
-      init_from.set_path(out, "params/box_head/fc2/kernel", init_from.dense_kernel(value))
+    elif name in ("roi_heads.box_head.fc6.bias", "roi_heads.box_head.fc7.bias",
+                  "roi_heads.box_head.fc7.weight"):
+      _dense(out, f"box_head/{'fc1' if '.fc6.' in name else 'fc2'}", name.rsplit(".", 1)[1], value)
     elif name.startswith("roi_heads.box_predictor.cls_score."):
-      leaf = name.rsplit(".", 1)[1]
-      init_from.set_path(out, f"params/box_head/cls/{_LEAF[leaf]}",
-                         init_from.dense_kernel(value) if leaf == "weight" else value)
+      _dense(out, "box_head/cls", name.rsplit(".", 1)[1], value)
     elif name.startswith("roi_heads.box_predictor.bbox_pred."):
-      leaf = name.rsplit(".", 1)[1]
-      value = _yx_rows(value[4:])  # no background box
-      init_from.set_path(out, f"params/box_head/box/{_LEAF[leaf]}",
-                         init_from.dense_kernel(value) if leaf == "weight" else value)
+      _dense(out, "box_head/box", name.rsplit(".", 1)[1], _yx_rows(value[4:]))  # no background box
     elif m := _MASK_CONV.fullmatch(name):
       new_index, old_index, leaf = m.groups()
       number = int(new_index) + 1 if new_index is not None else int(old_index)
