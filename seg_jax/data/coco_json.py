@@ -515,12 +515,12 @@ def eval_reference(builder, split: str) -> EvalReference:
 
 
 def data_facts(builder) -> dict[str, int]:
-  """Values the data determines: class count (with background) and the largest object counts."""
+  """Values the data determines: class count (with background) and each split's largest
+  object count."""
   meta = builder.info.metadata
   return {"num_classes": len(meta["category_ids"]) + 1,
           "category_ids": [int(c) for c in meta["category_ids"]],
-          "max_objects_train": int(meta["max_objects"].get("train", 0)),
-          "max_objects": max(int(v) for v in meta["max_objects"].values())}
+          "max_objects": {split: int(n) for split, n in meta["max_objects"].items()}}
 
 
 # ---------------------------------------------------------------------------- dataset entry

@@ -84,10 +84,12 @@ def resolve_config(config: ml_collections.ConfigDict, builder: tfds.core.Dataset
   """`config` with what the prepared data determines (datasets with `facts`: coco_json).
 
   dataset.num_classes 0 -> the data's class count (another value that disagrees is a
-  ConfigError); dataset.max_instances 0 -> the most objects one image holds (a smaller
-  explicit value is a DataError naming the key). Detection budgets that would cap the
-  crowdest image (model.detections_per_image, model.rpn_post_nms_topk) are raised to it,
-  with a warning naming the key. Other datasets: `config` unchanged.
+  ConfigError); dataset.max_instances 0 -> the most objects one *training* image holds (a
+  smaller explicit value is a DataError naming the key): it is the training step's static
+  ground-truth budget, so a crowded eval image does not make every training step dearer; eval
+  batches hold their own split's most (`instance_budget`). Detection budgets that would cap
+  the crowdest image of any split (model.detections_per_image, model.rpn_post_nms_topk) are
+  raised to it, with a warning naming the key. Other datasets: `config` unchanged.
   """
   entry = registry.dataset_entry(config.dataset.name)
   if entry.facts is None:
@@ -101,13 +103,15 @@ def resolve_config(config: ml_collections.ConfigDict, builder: tfds.core.Dataset
     registry.fail("dataset.num_classes", d.num_classes,
                   f"the training data has {facts['num_classes'] - 1} categories, so "
                   f"{facts['num_classes']} classes with background; leave it 0 (from the data)")
-  most = max(1, facts["max_objects"])
+  most_train = max(1, facts["max_objects"].get("train", 0))
+  most = max(1, *facts["max_objects"].values())
   if registry.model_entry(m.name).task == "instance":
     if d.max_instances == 0:
-      d.max_instances = most
-    elif d.max_instances < most:
-      raise DataError(f"dataset.max_instances={d.max_instances}, but an image of {d.name} holds "
-                      f"{most} objects: raise it, or set it to 0 (from the data)")
+      d.max_instances = most_train
+    elif d.max_instances < most_train:
+      raise DataError(f"dataset.max_instances={d.max_instances}, but a training image of "
+                      f"{d.name} holds {most_train} objects: raise it, or set it to 0 (from the "
+                      "data)")
     for key, need in (("detections_per_image", most), ("rpn_post_nms_topk", 2 * most)):
       if key in m and m[key] < need:
         from absl import logging
@@ -152,12 +156,26 @@ def image_channels(config: ml_collections.ConfigDict, builder: tfds.core.Dataset
   return int(builder.info.features[_feature_keys(config)[0]].shape[-1])
 
 
-def _decoder(config: ml_collections.ConfigDict):
-  """Stored example -> {'image': uint8/uint16 [H, W, C], 'mask': int32 [H, W] class ids, 'id'},
-  and for instance tasks 'instance_masks' [M, H, W], 'classes' [M] and 'num_instances'."""
+def instance_budget(config: ml_collections.ConfigDict, builder, split: str) -> int:
+  """Objects per image that `split`'s batches hold: dataset.max_instances (the training
+  step's budget), or, for an eval split of a dataset that knows its counts (`facts`), that
+  split's most if it is larger, since eval never feeds them to a training step."""
+  budget = config.dataset.max_instances
   entry = registry.dataset_entry(config.dataset.name)
+  if split != "train" and entry.facts is not None:
+    budget = max(budget, int(entry.facts(builder)["max_objects"].get(split, 0)))
+  return budget
+
+
+def _decoder(config: ml_collections.ConfigDict, max_instances: int | None = None):
+  """Stored example -> {'image': uint8/uint16 [H, W, C], 'mask': int32 [H, W] class ids, 'id'},
+  and for instance tasks 'instance_masks' [M, H, W], 'classes' [M] and 'num_instances'
+  (M = `max_instances`, by default dataset.max_instances)."""
+  entry = registry.dataset_entry(config.dataset.name)
+  if max_instances is None:
+    max_instances = config.dataset.max_instances
   if entry.decode is not None:
-    return lambda example: entry.decode(example, config.dataset.max_instances)
+    return lambda example: entry.decode(example, max_instances)
   image_key, mask_key, id_key = entry.feature_keys
   table = entry.label_table(config) if entry.label_table is not None else None
   instances = registry.model_entry(config.model.name).task == "instance"
@@ -170,7 +188,7 @@ def _decoder(config: ml_collections.ConfigDict):
     if instances:
       objects = example["objects"]
       out["instance_masks"], out["classes"], out["num_instances"] = transforms.pad_instances(
-          objects["mask"][..., 0], objects["label"], config.dataset.max_instances)
+          objects["mask"][..., 0], objects["label"], max_instances)
     return out
 
   return decode
@@ -273,13 +291,14 @@ def _check_instances(batch: dict[str, np.ndarray], max_instances: int) -> None:
 
 
 def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict, *,
-                  with_ids: bool = False) -> Iterator[dict]:
+                  with_ids: bool = False, max_instances: int | None = None) -> Iterator[dict]:
   """Checked numpy batches; with `with_ids`, 'id' holds the examples' ids as str ('' = padding),
   to be popped before the batch goes to the devices."""
   for batch in tfds.as_numpy(ds.with_options(_input_options())):
     _check_labels(batch, config.dataset.num_classes, config.dataset.ignore_label)
     if "num_instances" in batch:
-      _check_instances(batch, config.dataset.max_instances)
+      _check_instances(batch, config.dataset.max_instances if max_instances is None
+                       else max_instances)
     ids = batch.pop("id")
     if with_ids:
       batch["id"] = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids])
@@ -361,7 +380,8 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   host_batch = parallel.per_host_batch_size(config.batch_size)
   num_batches = num_eval_batches(config, builder, split)
   canvas = eval_canvas(config, builder, split)
-  decode = _decoder(config)
+  max_instances = instance_budget(config, builder, split)
+  decode = _decoder(config, max_instances)
   ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
 
   # No Python control flow on tensors here (pad_to_canvas uses tf.cond), so AutoGraph,
@@ -383,4 +403,4 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   padding = tf.data.Dataset.from_tensors(padding).repeat()
   ds = ds.concatenate(padding).take(num_batches * host_batch)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _host_batches(ds, config, with_ids=with_ids)
+  return _host_batches(ds, config, with_ids=with_ids, max_instances=max_instances)
