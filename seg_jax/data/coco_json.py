@@ -502,8 +502,8 @@ class EvalReference:
   category_ids: list[int]
   image_ids: dict[str, int]
   sizes: dict[str, tuple[int, int]]
-  canvas: tuple[int, int] = (0, 0)          # the eval canvas and dataset.resize (the pipeline's)
-  resize: int = 0
+  canvas: tuple[int, int] = (0, 0)          # the eval canvas and resize (the pipeline's)
+  resize: Any = None                        # transforms.Resize
 
 
 def eval_reference(builder, split: str) -> EvalReference:

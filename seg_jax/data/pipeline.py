@@ -136,7 +136,7 @@ def eval_reference(config: ml_collections.ConfigDict, builder, split: str):
   import dataclasses
   return dataclasses.replace(entry.eval_reference(builder, split),
                              canvas=eval_canvas(config, builder, split),
-                             resize=config.dataset.resize)
+                             resize=transforms.eval_resize(config.dataset))
 
 
 def _feature_keys(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
@@ -237,8 +237,9 @@ def eval_canvas(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBui
   else:
     raise DataError(f"dataset {d.name} has images of different sizes and no stored sizes; set "
                     "dataset.eval_size=(H, W), the canvas eval images are padded to")
-  if d.resize:
-    sizes = [transforms.resized_shape(int(h), int(w), d.resize) for h, w in sizes]
+  resize = transforms.eval_resize(d)
+  if resize:
+    sizes = [transforms.resized_shape(int(h), int(w), resize) for h, w in sizes]
   return (_round_up(max(int(h) for h, _ in sizes), d.eval_pad_multiple),
           _round_up(max(int(w) for _, w in sizes), d.eval_pad_multiple))
 
@@ -334,8 +335,8 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
     seed = tf.stack([tf.constant(stream_seed, tf.int64), index])
     image, mask = transforms.train_augment(
         example["image"], _labels(example), seed, aug=d.augment, size=d.image_size,
-        ignore_label=d.ignore_label, resize=d.resize,
-        normalization=config.model.input_normalization)
+        ignore_label=d.ignore_label, resize=transforms.eval_resize(d),
+        resize_range=tuple(d.resize_range), normalization=config.model.input_normalization)
     return _view(example, image, mask)
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -343,10 +344,11 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   return _host_batches(ds, config)
 
 
-def shown_shape(height: int, width: int, canvas: tuple[int, int], resize: int) -> tuple[int, int]:
-  """(height, width) an image of this size has inside its eval canvas (after `dataset.resize`
-  and the downscale-to-fit of `transforms.pad_to_canvas`): the same integer arithmetic, on the
-  host, so that eval outputs map back to the original pixels."""
+def shown_shape(height: int, width: int, canvas: tuple[int, int], resize: transforms.Resize
+                ) -> tuple[int, int]:
+  """(height, width) an image of this size has inside its eval canvas (after the eval resize,
+  `transforms.eval_resize`, and the downscale-to-fit of `transforms.pad_to_canvas`): the same
+  integer arithmetic, on the host, so that eval outputs map back to the original pixels."""
   if resize:
     height, width = transforms.resized_shape(height, width, resize)
   ch, cw = canvas
@@ -390,7 +392,8 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   def prepare(example):
     example = decode(example)
     image, mask = transforms.eval_view(example["image"], _labels(example), canvas=canvas,
-                                       ignore_label=d.ignore_label, resize=d.resize,
+                                       ignore_label=d.ignore_label,
+                                       resize=transforms.eval_resize(d),
                                        normalization=config.model.input_normalization)
     return {**_view(example, image, mask), "valid": tf.constant(True)}
 
