@@ -164,6 +164,26 @@ def test_crowd_regions_never_become_positives(folder, prepared):
   np.testing.assert_array_equal(example["instance_masks"][:count], np.stack(want))
   assert not any((m.astype(bool) == crowd_mask).all() for m in example["instance_masks"])
   assert (example["classes"][:count] > 0).all() and not example["classes"][count:].any()
+  # The crowd region travels beside the instances, moved by the same transforms, for training
+  # to ignore what it covers (tests/test_detection_models.py).
+  np.testing.assert_array_equal(example["crowd"], crowd_mask)
+  import tensorflow as tf
+  from seg_jax.data import transforms
+  aug = ml_collections.ConfigDict(config.dataset.augment.to_dict())
+  aug.min_scale = aug.max_scale = 1.0
+  aug.hflip, aug.vflip = True, False
+  decoded = {k: tf.constant(v) for k, v in example.items()}
+  flips = set()
+  for index in range(8):
+    image, stack = transforms.train_augment(decoded["image"], pipeline._labels(decoded),
+                                            tf.constant([3, index], tf.int64), aug=aug,
+                                            size=SIZE, ignore_label=255)
+    view = {k: np.asarray(v) for k, v in pipeline._view(decoded, image, stack).items()}
+    flipped = not np.array_equal(view["instance_masks"][:count], example["instance_masks"][:count])
+    want = crowd_mask[:, ::-1] if flipped else crowd_mask
+    np.testing.assert_array_equal(view["crowd"], want)
+    flips.add(flipped)
+  assert flips == {True, False}
 
 
 def test_eval_images_may_hold_more_objects_than_the_training_budget(tmp_path, folder, data_dir):

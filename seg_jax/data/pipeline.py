@@ -199,7 +199,8 @@ def _view(example: dict, image, mask) -> dict:
   fields read back from the transformed label stack."""
   out = {"image": image, "id": example["id"]}
   if "instance_masks" in example:
-    out.update(transforms.unpack_instances(mask, example["classes"]))
+    out.update(transforms.unpack_instances(mask, example["classes"],
+                                           with_crowd="crowd" in example))
     out["num_instances"] = example["num_instances"]
   else:
     out["mask"] = mask
@@ -209,7 +210,8 @@ def _view(example: dict, image, mask) -> dict:
 def _labels(example: dict):
   """The label map the geometric transforms move: the mask, or the stack of mask and instances."""
   if "instance_masks" in example:
-    return transforms.pack_instances(example["mask"], example["instance_masks"])
+    return transforms.pack_instances(example["mask"], example["instance_masks"],
+                                     example.get("crowd"))
   return example["mask"]
 
 

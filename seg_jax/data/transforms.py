@@ -271,9 +271,11 @@ def pad_instances(instance_masks, classes, max_instances: int):
           tf.ensure_shape(classes, [max_instances]), count)
 
 
-def pack_instances(mask, instance_masks):
-  """Semantic mask [H, W] and instance masks [M, H, W] -> one label stack int32 [H, W, 1 + M]."""
-  return tf.concat([tf.cast(mask, tf.int32)[..., None],
+def pack_instances(mask, instance_masks, crowd=None):
+  """Semantic mask [H, W] and instance masks [M, H, W] -> one label stack int32 [H, W, 1 + M]
+  (with a crowd region [H, W], [H, W, 2 + M]: it is channel 1)."""
+  extra = [] if crowd is None else [tf.cast(crowd, tf.int32)[..., None]]
+  return tf.concat([tf.cast(mask, tf.int32)[..., None], *extra,
                     tf.transpose(tf.cast(instance_masks, tf.int32), [1, 2, 0])], axis=-1)
 
 
@@ -295,15 +297,20 @@ def boxes_from_masks(instance_masks):
   return tf.where(present[:, None], boxes, 0.0)
 
 
-def unpack_instances(stack, classes):
-  """Inverse of `pack_instances` after transforms: {'mask', 'instance_masks', 'boxes', 'classes'}.
+def unpack_instances(stack, classes, *, with_crowd: bool = False):
+  """Inverse of `pack_instances` after transforms: {'mask', 'instance_masks', 'boxes', 'classes'}
+  (and 'crowd' uint8 [H, W] `with_crowd`).
 
   An instance with no pixel left (cropped away) gets class 0, the padding
   class; boxes are re-read from the transformed masks, so they stay tight.
-  Padding of a crop (ignore label in every channel) belongs to no instance.
+  Padding of a crop (ignore label in every channel) belongs to no instance and no crowd.
   """
-  instance_masks = tf.transpose(stack[..., 1:], [2, 0, 1]) == 1
+  first = 2 if with_crowd else 1
+  instance_masks = tf.transpose(stack[..., first:], [2, 0, 1]) == 1
   present = tf.reduce_any(instance_masks, axis=[1, 2])
-  return {"mask": stack[..., 0], "instance_masks": tf.cast(instance_masks, tf.uint8),
-          "boxes": boxes_from_masks(instance_masks),
-          "classes": tf.where(present, tf.cast(classes, tf.int32), 0)}
+  out = {"mask": stack[..., 0], "instance_masks": tf.cast(instance_masks, tf.uint8),
+         "boxes": boxes_from_masks(instance_masks),
+         "classes": tf.where(present, tf.cast(classes, tf.int32), 0)}
+  if with_crowd:
+    out["crowd"] = tf.cast(stack[..., 1] == 1, tf.uint8)
+  return out
