@@ -265,7 +265,7 @@ def test_two_processes_score_the_users_json_as_one_process_does(tmp_path):
   assert {r["category_id"] for r in one.results} <= set(CATEGORY_IDS)
   # pycocotools itself on the results, in the user's ids, gives the same AP.
   gt = coco_api.COCO(str(user_json))
-  evaluation = cocoeval.COCOeval(gt, gt.loadRes(one.results), "segm")
+  evaluation = cocoeval.COCOeval(gt, gt.loadRes(json.loads(json.dumps(one.results))), "segm")
   evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
   assert evaluation.stats[0] == pytest.approx(want["mask_AP"], abs=1e-12)
   got, results = _two_processes(tmp_path, user_json)
