@@ -148,8 +148,9 @@ def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
 # config.dataset keys of every dataset that describe the input pipeline rather than the data
 # (with_dataset keeps them); the others are the name, its class count and eval split, and the
 # dataset's own keys.
-PIPELINE_KEYS = ("data_dir", "ignore_label", "image_size", "max_instances", "resize", "eval_size",
-                 "eval_pad_multiple", "shuffle_buffer", "cache", "augment")
+PIPELINE_KEYS = ("data_dir", "ignore_label", "image_size", "max_instances", "resize",
+                 "resize_range", "max_longer_side", "eval_size", "eval_pad_multiple",
+                 "shuffle_buffer", "cache", "augment")
 
 
 def _dataset_section(name: str) -> ml_collections.ConfigDict:
@@ -167,6 +168,10 @@ def _dataset_section(name: str) -> ml_collections.ConfigDict:
                             # 0 = the most any image holds (datasets with `facts`: coco_json)
   d.resize = 0              # 0 = native size; else the shorter side is resized to this
                             # (train and eval) before cropping / padding
+  # Training only: the shorter side drawn uniformly from lo..hi per example instead of
+  # dataset.resize (detectron2's ResizeShortestEdge); (0, 0) = dataset.resize.
+  d.resize_range = (0, 0)
+  d.max_longer_side = 0     # after resizing, the longer side is capped at this (0 = no cap)
   # Eval batches images of different sizes by padding each (ignore label) to one canvas per split:
   # (0, 0) = the split's largest (resized) height and width rounded up to eval_pad_multiple;
   # (H, W) = a fixed canvas; larger images are downscaled to fit it (aspect kept).
@@ -478,6 +483,12 @@ def _validate_dataset(config: ml_collections.ConfigDict, entry: registry.Dataset
     _fail("dataset.num_classes", d.num_classes,
           f"{d.name} has {' or '.join(map(str, entry.num_classes))} classes")
   registry.check_int("dataset.resize", d.resize, minimum=0)
+  registry.check_int("dataset.max_longer_side", d.max_longer_side, minimum=0)
+  span = tuple(d.resize_range) if isinstance(d.resize_range, (tuple, list)) else None
+  if (span is None or len(span) != 2 or any(not isinstance(v, int) for v in span)
+      or (span != (0, 0) and not 0 < span[0] <= span[1])):
+    _fail("dataset.resize_range", d.resize_range,
+          "must be (0, 0) (use dataset.resize) or (lo, hi) with 0 < lo <= hi")
   entry.check(config)
   multiple = models.input_multiple(config)
   reason = registry.input_multiple_reason(registry.model_entry(config.model.name), config.model)

@@ -402,7 +402,8 @@ def instance_id_map(boxes: np.ndarray, scores: np.ndarray, masks: np.ndarray | N
 def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=predict with a Mask R-CNN / Faster R-CNN workdir (from `run`, which checks the input).
 
-  Every image is shown to the detector as evaluation shows it (dataset.resize, padded to a
+  Every image is shown to the detector as evaluation shows it (dataset.resize and
+  dataset.max_longer_side, padded to a
   multiple of dataset.eval_pad_multiple; one compiled step per canvas size) and the
   detections are mapped back to its own pixels. Writes per image <stem>_overlay.png
   (detections of score >= predict.score_threshold: masks, boxes, class names, scores) and
@@ -445,15 +446,16 @@ def run_detector(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if fixed_canvas:
       canvas = fixed_canvas
     else:
-      resized = transforms.resized_shape(height, width, d.resize) if d.resize else (height, width)
+      resized = transforms.resized_shape(height, width, transforms.eval_resize(d))
       canvas = tuple(-(-v // d.eval_pad_multiple) * d.eval_pad_multiple for v in resized)
     view, _ = transforms.eval_view(tf.constant(image), tf.zeros((height, width), tf.int32),
-                                   canvas=canvas, ignore_label=d.ignore_label, resize=d.resize,
+                                   canvas=canvas, ignore_label=d.ignore_label,
+                                   resize=transforms.eval_resize(d),
                                    normalization=image_io.normalization_name(normalization))
     batch = np.zeros((batch_rows, *canvas, image.shape[-1]), np.float32)
     batch[0] = view.numpy()
     out = jax.tree.map(lambda x: np.asarray(x)[0], detect(variables, {"image": batch}))
-    shown = pipeline.shown_shape(height, width, canvas, d.resize)
+    shown = pipeline.shown_shape(height, width, canvas, transforms.eval_resize(d))
     keep = out["valid"].astype(bool)
     boxes, masks = coco_eval.to_original_pixels(
         out["boxes"][keep], out["masks"][keep] if "masks" in out else None,

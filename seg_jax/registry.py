@@ -94,7 +94,7 @@ class DatasetEntry:
   label_table: Callable[[ml_collections.ConfigDict], Any] | None = None
   decode: Callable[[dict, int], dict] | None = None
   # prepared builder -> what the data determines: 'num_classes' (with background),
-  # 'max_objects' (most objects in one image of any split) and, where the labels have their
+  # 'max_objects' ({split: most objects in one of its images}) and, where the labels have their
   # own ids, 'category_ids' (class c is category_ids[c - 1]). With it, num_classes and
   # max_instances may be 0 = "from the data" (`pipeline.resolve_config`).
   facts: Callable[[Any], dict[str, Any]] | None = None

@@ -125,34 +125,113 @@ def scene_batches():
   return batches
 
 
+CATEGORY_IDS = [4, 9]   # the user's ids of classes 1 and 2
+
+
+def scene_ids(batch_index):
+  """The stored ids of a scene batch's rows ('' for the padding row), as eval batches carry."""
+  return np.array([f"validation/{batch_index}_{i}.png" if i < ROWS - 1 else ""
+                   for i in range(ROWS)])
+
+
+def write_user_json(path):
+  """The scenes' ground truth as a user's eval JSON (its own image and category ids, RLE)."""
+  from pycocotools import mask as mask_api
+  images, annotations = [], []
+  for b, (truth, _) in enumerate(scene_batches()):
+    for i in np.nonzero(truth["valid"])[0]:
+      image_id = 500 + 10 * b + i
+      images.append({"id": int(image_id), "file_name": f"{b}_{i}.png", "height": SIZE,
+                     "width": SIZE})
+      for j in np.nonzero(truth["classes"][i])[0]:
+        rle = mask_api.encode(np.asfortranarray(truth["instance_masks"][i, j].astype(np.uint8)))
+        annotations.append({
+            "id": len(annotations) + 1, "image_id": int(image_id),
+            "category_id": CATEGORY_IDS[truth["classes"][i, j] - 1], "iscrowd": 0,
+            "area": float(mask_api.area(rle)), "bbox": mask_api.toBbox(rle).tolist(),
+            "segmentation": {"size": [SIZE, SIZE], "counts": rle["counts"].decode()}})
+  with open(path, "w") as f:
+    json.dump({"images": images, "annotations": annotations,
+               "categories": [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, ("sq", "di"))]},
+              f)
+  return path, {f"validation/{im['file_name']}": im["id"] for im in images}
+
+
+def user_reference(path):
+  from seg_jax.data import coco_json
+  from seg_jax.data import transforms
+  _, image_ids = write_user_json(path)
+  return coco_json.EvalReference(
+      json_path=str(path), category_ids=CATEGORY_IDS, image_ids=image_ids,
+      sizes={k: (SIZE, SIZE) for k in image_ids}, canvas=(SIZE, SIZE),
+      resize=transforms.Resize())
+
+
 # Process argv[1] of 2 (one CPU device each) feeds its half of every batch's rows to the
-# instance task's evaluator, as train.evaluate does; process 0 prints the scores.
+# instance task's evaluator, as train.evaluate does; process 0 prints the scores. With a
+# JSON path in argv[3], it scores against that JSON in its own ids (coco_json's path).
 _TWO_PROCESS_EVAL = """
 import json, sys
 import jax
-process_id, port = int(sys.argv[1]), sys.argv[2]
+process_id, port, user_json = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
 from seg_jax import parallel
 from seg_jax.tasks import instance
-from tests.test_coco_eval import ROWS, scene_batches
+from tests.test_coco_eval import ROWS, scene_batches, scene_ids, user_reference
 mesh = parallel.make_mesh()
-evaluator = instance.InstanceEvaluator(["square", "disc"], with_masks=True, num_visuals=0)
+reference = user_reference(user_json) if user_json else None
+evaluator = instance.InstanceEvaluator(["square", "disc"], with_masks=True, num_visuals=0,
+                                       reference=reference)
 mine = slice(process_id * ROWS // 2, (process_id + 1) * ROWS // 2)
-for truth, det in scene_batches():
+for b, (truth, det) in enumerate(scene_batches()):
   local = {k: v[mine] for k, v in truth.items()}
   evaluator.add(local, parallel.host_batch_to_global(local, mesh),
-                parallel.host_batch_to_global({k: v[mine] for k, v in det.items()}, mesh))
+                parallel.host_batch_to_global({k: v[mine] for k, v in det.items()}, mesh),
+                ids=scene_ids(b)[mine])
 scores = evaluator.compute()
 if process_id == 0:
   print("SCORES " + json.dumps(scores))
+  print("RESULTS " + json.dumps(evaluator.results))
 """
+
+
+def _two_processes(tmp_path, user_json=""):
+  """(scores, results) of the two-process evaluation, printed by process 0."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  logs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]
+  with reserved_port() as port_socket:
+    port = str(port_socket.getsockname()[1])
+    processes = []
+    for i, log in enumerate(logs):
+      with open(log, "w") as stderr_file:  # a file: a full pipe of one must not stall both
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS_EVAL, str(i), port, str(user_json)], cwd=repo,
+            env=env, stdout=subprocess.PIPE, stderr=stderr_file, text=True))
+    try:
+      outputs = [process.communicate(timeout=300)[0] for process in processes]
+    finally:
+      for process in processes:
+        if process.poll() is None:
+          process.kill()
+  for process, log in zip(processes, logs):
+    assert process.returncode == 0, log.read_text()[-3000:]
+  printed = {l.split(" ", 1)[0]: json.loads(l.split(" ", 1)[1])
+             for l in outputs[0].splitlines() if l.startswith(("SCORES ", "RESULTS "))}
+  return printed["SCORES"], printed["RESULTS"]
+
+
+def _assert_same_scores(got, want):
+  assert got.keys() == want.keys()
+  for key in want:
+    assert got[key] == want[key] or (np.isnan(got[key]) and np.isnan(want[key])), key
 
 
 def test_two_processes_score_what_one_process_scores(tmp_path):
   """Each process holds half of every eval batch; gathered, COCO sees every image once, so the
   twelve statistics equal one process's over all images, exactly."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   one = instance.InstanceEvaluator(["square", "disc"], with_masks=True, num_visuals=0)
   first_half = instance.InstanceEvaluator(["square", "disc"], with_masks=True, num_visuals=0)
   for truth, det in scene_batches():
@@ -165,27 +244,31 @@ def test_two_processes_score_what_one_process_scores(tmp_path):
   # The images of process 1 count: without them the scores differ.
   assert first_half.compute()["box_AP"] != want["box_AP"]
 
-  env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  logs = [tmp_path / f"stderr_{i}.txt" for i in range(2)]
-  with reserved_port() as port_socket:
-    port = str(port_socket.getsockname()[1])
-    processes = []
-    for i, log in enumerate(logs):
-      with open(log, "w") as stderr_file:  # a file: a full pipe of one must not stall both
-        processes.append(subprocess.Popen(
-            [sys.executable, "-c", _TWO_PROCESS_EVAL, str(i), port], cwd=repo, env=env,
-            stdout=subprocess.PIPE, stderr=stderr_file, text=True))
-    try:
-      outputs = [process.communicate(timeout=300)[0] for process in processes]
-    finally:
-      for process in processes:
-        if process.poll() is None:
-          process.kill()
-  for process, log in zip(processes, logs):
-    assert process.returncode == 0, log.read_text()[-3000:]
-  printed = [l for l in outputs[0].splitlines() if l.startswith("SCORES ")]
-  got = json.loads(printed[0][len("SCORES "):])
-  assert got.keys() == want.keys()
-  for key in want:
-    assert got[key] == want[key] or (np.isnan(got[key]) and np.isnan(want[key])), key
+  got, _ = _two_processes(tmp_path)
+  _assert_same_scores(got, want)
+
+
+def test_two_processes_score_the_users_json_as_one_process_does(tmp_path):
+  """coco_json's path: each process places its rows by their ids (gathered across processes)
+  and every process then holds all detections in the user's ids; scored by pycocotools against
+  the user's JSON, two processes give one process's scores and results, exactly."""
+  from pycocotools import coco as coco_api
+  from pycocotools import cocoeval
+  user_json = tmp_path / "instances_val.json"
+  reference = user_reference(user_json)
+  one = instance.InstanceEvaluator(["square", "disc"], with_masks=True, num_visuals=0,
+                                   reference=reference)
+  for b, (truth, det) in enumerate(scene_batches()):
+    one.add(truth, truth, det, ids=scene_ids(b))
+  want = one.compute()
+  assert 0 < want["mask_AP"] < 1, want
+  assert {r["category_id"] for r in one.results} <= set(CATEGORY_IDS)
+  # pycocotools itself on the results, in the user's ids, gives the same AP.
+  gt = coco_api.COCO(str(user_json))
+  evaluation = cocoeval.COCOeval(gt, gt.loadRes(json.loads(json.dumps(one.results))), "segm")
+  evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+  assert evaluation.stats[0] == pytest.approx(want["mask_AP"], abs=1e-12)
+  got, results = _two_processes(tmp_path, user_json)
+  _assert_same_scores(got, want)
+  key = lambda r: (r["image_id"], r["score"], r["category_id"])
+  assert sorted(results, key=key) == sorted(json.loads(json.dumps(one.results)), key=key)

@@ -132,9 +132,11 @@ def test_category_ids_map_to_classes_and_back(folder, prepared):
     back = [pipeline.category_ids(config, builder)[c - 1] for c in ex["objects"]["label"]]
     assert back == [a["category_id"] for a in anns]
     assert ex["objects"]["crowd"].tolist() == [bool(a["iscrowd"]) for a in anns]
-  most = max(sum(1 for a in _load(p)["annotations"] if a["image_id"] == im["id"] and not a["iscrowd"])
-             for p in (folder["train_json"], folder["eval_json"]) for im in _load(p)["images"])
-  assert config.dataset.max_instances == most
+  def most(path):
+    data = _load(path)
+    return max(sum(1 for a in data["annotations"] if a["image_id"] == im["id"] and not a["iscrowd"])
+               for im in data["images"])
+  assert config.dataset.max_instances == most(folder["train_json"])
   detections = [dict(category_id=c) for c in (3, 7)]
   reference = pipeline.eval_reference(config, builder, "validation")
   results = __import__("seg_jax.coco_eval", fromlist=["x"]).results_in_original_terms(
@@ -162,6 +164,63 @@ def test_crowd_regions_never_become_positives(folder, prepared):
   np.testing.assert_array_equal(example["instance_masks"][:count], np.stack(want))
   assert not any((m.astype(bool) == crowd_mask).all() for m in example["instance_masks"])
   assert (example["classes"][:count] > 0).all() and not example["classes"][count:].any()
+  # The crowd region travels beside the instances, moved by the same transforms, for training
+  # to ignore what it covers (tests/test_detection_models.py).
+  np.testing.assert_array_equal(example["crowd"], crowd_mask)
+  import tensorflow as tf
+  from seg_jax.data import transforms
+  aug = ml_collections.ConfigDict(config.dataset.augment.to_dict())
+  aug.min_scale = aug.max_scale = 1.0
+  aug.hflip, aug.vflip = True, False
+  decoded = {k: tf.constant(v) for k, v in example.items()}
+  flips = set()
+  for index in range(8):
+    image, stack = transforms.train_augment(decoded["image"], pipeline._labels(decoded),
+                                            tf.constant([3, index], tf.int64), aug=aug,
+                                            size=SIZE, ignore_label=255)
+    view = {k: np.asarray(v) for k, v in pipeline._view(decoded, image, stack).items()}
+    flipped = not np.array_equal(view["instance_masks"][:count], example["instance_masks"][:count])
+    want = crowd_mask[:, ::-1] if flipped else crowd_mask
+    np.testing.assert_array_equal(view["crowd"], want)
+    flips.add(flipped)
+  assert flips == {True, False}
+
+
+def test_eval_images_may_hold_more_objects_than_the_training_budget(tmp_path, folder, data_dir):
+  """The training step's ground-truth budget is the training JSON's most; an eval image holding
+  more is no error and its batch holds all of them."""
+  root = tmp_path / "crowded"
+  shutil.copytree(folder["root"], root)
+  eval_path = root / "annotations/instances_val.json"
+  data = _load(eval_path)
+  first = data["images"][0]["id"]
+  extra = [{**a, "id": 10_000 + k} for k, a in enumerate(
+      a for a in data["annotations"] if a["image_id"] == first and not a["iscrowd"])]
+  data["annotations"] += extra
+  _dump(eval_path, data)
+  counts = {}
+  for a in data["annotations"]:
+    counts[a["image_id"]] = counts.get(a["image_id"], 0) + (not a["iscrowd"])
+  train_data = _load(root / "annotations/instances_train.json")
+  train_most = max(sum(1 for a in train_data["annotations"]
+                       if a["image_id"] == im["id"] and not a["iscrowd"])
+                   for im in train_data["images"])
+  assert max(counts.values()) > train_most
+  config = _config({"train_json": str(root / "annotations/instances_train.json"),
+                    "eval_json": str(eval_path), "images": str(root / "images")}, data_dir)
+  builder, _ = pipeline.prepare_dataset(config)
+  config = pipeline.resolve_config(config, builder)
+  assert config.dataset.max_instances == train_most
+  assert config.model.detections_per_image >= max(counts.values())
+  budget = pipeline.instance_budget(config, builder, "validation")
+  assert budget == max(counts.values())
+  held = {}
+  for batch in pipeline.eval_batches(config, builder, "validation", with_ids=True):
+    assert batch["instance_masks"].shape[1] == budget
+    for i in np.nonzero(batch["valid"])[0]:
+      held[str(batch["id"][i])] = int((batch["classes"][i] > 0).sum())
+  by_file = {f"validation/{im['file_name']}": im["id"] for im in data["images"]}
+  assert held == {name: counts[image_id] for name, image_id in by_file.items()}
 
 
 def test_budgets_from_the_data_and_disagreeing_values_fail(prepared):

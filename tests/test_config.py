@@ -175,6 +175,8 @@ def test_unknown_key_in_a_config_file_is_caught(data_dir):
     ("checkpoint.best_metric", "dice", "must be '' \\(off\\) or an eval scalar"),
     ("checkpoint.use", "newest", "must be latest, best or a step number"),
     ("checkpoint.use", "best", "needs checkpoint.best_metric"),
+    ("dataset.resize_range", (30, 20), "\\(lo, hi\\) with 0 < lo <= hi"),
+    ("dataset.resize_range", (0, 20), "\\(lo, hi\\) with 0 < lo <= hi"),
 ])
 def test_bad_values(key, value, message):
   config = config_lib.base_config()

@@ -9,6 +9,7 @@ import pytest
 
 from seg_jax.models import init_key
 from seg_jax.models.detection import anchors as anchor_lib
+from seg_jax.models.detection import boxes as box_lib
 from seg_jax.models.detection import fpn as fpn_lib
 from seg_jax.models.detection import roi_heads as roi_lib
 from seg_jax.models.detection import rpn as rpn_lib
@@ -245,6 +246,80 @@ def test_rpn_targets_decode_back_to_the_matched_boxes():
     box = _np_decode(np.asarray(deltas[0, m])[None], anchors[m][None])[0]
     ious = [np_iou(box, g) for g in gt[0, :2]]
     assert max(ious) > 0.999, (m, box)
+
+
+def _np_coverage(boxes, region):
+  """Brute force: crowd pixels whose centre lies in the box (rounded bounds) over the box area."""
+  ys, xs = np.nonzero(region)
+  out = []
+  for y0, x0, y1, x1 in boxes:
+    area = max(y1 - y0, 0) * max(x1 - x0, 0)
+    inside = ((ys >= np.round(y0)) & (ys < np.round(y1)) & (xs >= np.round(x0))
+              & (xs < np.round(x1))).sum()
+    out.append(inside / area if area > 0 else 0.0)
+  return np.asarray(out)
+
+
+def test_region_coverage_matches_brute_force():
+  rng = np.random.default_rng(5)
+  region = np.zeros((40, 48), bool)
+  region[5:20, 30:46] = True
+  region[rng.random((40, 48)) < 0.1] = True
+  boxes = np_random_boxes(rng, 200, size=60) - 6                 # some reach out of the image
+  boxes[0] = [5, 30, 20, 46]                                      # exactly the block: 1.0
+  boxes[1] = [10, 10, 10, 20]                                     # zero area: 0
+  got = np.asarray(box_lib.region_coverage(jnp.asarray(boxes), jnp.asarray(region)))
+  np.testing.assert_allclose(got, _np_coverage(boxes, region), rtol=1e-6, atol=1e-7)
+  assert got[0] == 1.0 and got[1] == 0.0
+
+
+def _crowd_scene():
+  """One 64 px image: an object top-left, a crowd clump bottom-right; anchors of 16 px."""
+  level_anchors = anchor_lib.multilevel_anchors(
+      anchor_lib.feature_sizes((64, 64), (4,)), strides=(4,), sizes=((16,),),
+      aspect_ratios=(0.5, 1.0, 2.0))
+  gt = np.zeros((1, 2, 4), np.float32)
+  gt[0, 0] = [4, 4, 22, 24]
+  gt_valid = np.array([[True, False]])
+  crowd = np.zeros((1, 64, 64), np.uint8)
+  crowd[0, 34:62, 30:60] = 1
+  return level_anchors[0], gt, gt_valid, crowd
+
+
+def test_rpn_targets_ignore_what_a_crowd_region_covers():
+  anchors, gt, gt_valid, crowd = _crowd_scene()
+  fn = jax.jit(functools.partial(target_lib.rpn_targets, num_samples=256, positive_fraction=0.5))
+  plain = jax.tree.map(np.asarray, fn(anchors, gt, gt_valid, jax.random.key(0)))
+  crowded = jax.tree.map(np.asarray, fn(anchors, gt, gt_valid, jax.random.key(0), crowd=crowd))
+  covered = _np_coverage(anchors, crowd[0]) >= 0.7
+  assert covered.sum() > 20
+  assert plain[1][0][covered].any()                       # without: some sampled as background
+  assert not (crowded[0][0] | crowded[1][0])[covered].any()   # with: never positive or negative
+  np.testing.assert_array_equal(crowded[0], plain[0])     # the object's positives are unchanged
+  _, labels = target_lib.match(anchors, gt[0], gt_valid[0], high=0.7, low=0.3,
+                               allow_low_quality=True,
+                               ignore=jnp.asarray(covered))
+  np.testing.assert_array_equal(np.asarray(labels)[covered], -1)
+
+
+def test_sample_rois_never_take_crowd_covered_proposals_as_background():
+  _, gt, gt_valid, crowd = _crowd_scene()
+  rng = np.random.default_rng(6)
+  proposals = np_random_boxes(rng, 60, size=64)[None].astype(np.float32)
+  proposals[0, :20] = [36, 32, 58, 56] + rng.uniform(-3, 3, (20, 4))   # inside the clump
+  fn = jax.jit(functools.partial(roi_lib.sample_rois, num_samples=48, positive_fraction=0.25))
+  args = (proposals, np.ones((1, 60), bool), gt, np.array([[1, 0]], np.int32), gt_valid,
+          jax.random.key(0))
+  plain, crowded = fn(*args), fn(*args, crowd=crowd)
+  inside = _np_coverage(proposals[0], crowd[0]) >= 0.7
+  assert inside[:20].all()
+  def sampled_background(rois):
+    boxes = np.asarray(rois.boxes[0])[np.asarray(rois.valid[0] & ~rois.foreground[0])]
+    return {tuple(b) for b in boxes.round(4)}
+  crowd_boxes = {tuple(b) for b in proposals[0][inside].round(4)}
+  assert sampled_background(plain) & crowd_boxes          # without: sampled as background
+  assert not sampled_background(crowded) & crowd_boxes    # with: never
+  assert int(crowded.foreground.sum()) == int(plain.foreground.sum())
 
 
 # ---------------------------------------------------------------------------- RoI heads

@@ -199,3 +199,57 @@ def test_out_of_range_label_is_an_error_naming_the_example():
     pipeline._check_labels(batch, 6, 255)
   batch["mask"][1, 0, 0] = 255  # the ignore label is fine
   pipeline._check_labels(batch, 6, 255)
+
+
+# ---------------------------------------------------------------------------- ResizeShortestEdge
+
+def _detectron2_shape(height, width, shorter, max_longer):
+  """detectron2's ResizeShortestEdge.get_output_shape, in exact rational arithmetic (its floats
+  round half up the same way away from float error)."""
+  from fractions import Fraction
+  scale = Fraction(shorter, min(height, width))
+  new_h, new_w = height * scale, width * scale
+  if max_longer and max(new_h, new_w) > max_longer:
+    scale = Fraction(max_longer) / max(new_h, new_w)
+    new_h, new_w = new_h * scale, new_w * scale
+  return int(new_h + Fraction(1, 2)), int(new_w + Fraction(1, 2))
+
+
+def test_resize_shortest_edge_gives_detectron2s_shapes_in_tf_and_on_the_host():
+  rng = np.random.default_rng(0)
+  sizes = rng.integers(8, 900, size=(300, 2)).tolist() + [[100, 100], [37, 1001], [1001, 37]]
+  shorter = rng.integers(16, 800, size=len(sizes)).tolist()
+  caps = rng.choice([0, 64, 333, 1333], size=len(sizes)).tolist()
+  capped = 0
+  for (h, w), s, cap in zip(sizes, shorter, caps):
+    want = _detectron2_shape(h, w, s, cap)
+    rule = transforms.Resize(s, cap)
+    assert transforms.resized_shape(h, w, rule) == want, (h, w, s, cap)
+    got = transforms.resized_shape(tf.constant(h, tf.int64), tf.constant(w, tf.int64), rule)
+    assert (int(got[0]), int(got[1])) == want
+    capped += bool(cap) and max(want) == cap and min(want) != s
+  assert capped > 30                           # the cap was exercised
+  assert transforms.resized_shape(30, 50, transforms.Resize(0, 40)) == (24, 40)  # cap alone
+  assert transforms.resized_shape(30, 50, transforms.Resize(0, 0)) == (30, 50)
+
+
+def test_training_draws_the_shorter_side_from_the_range_and_caps_the_longer():
+  """A 40x60 image, shorter side drawn from 20..30, longer side capped at 40, scale 1, crop 64:
+  the crop pads the whole resized image, whose extent (the non-ignore pixels) shows the draw."""
+  image, mask = tf.ones((40, 60, 1), tf.uint8) * 40, tf.ones((40, 60), tf.int32)
+  aug = _aug_config(lo=1.0, hi=1.0)
+  augment = tf.function(lambda seed: transforms.train_augment(
+      image, mask, seed, aug=aug, size=64, ignore_label=255,
+      resize=transforms.Resize(0, 40), resize_range=(20, 30)))
+  drawn = set()
+  for index in range(60):
+    _, out = augment(tf.constant([5, index], tf.int64))
+    rows, cols = np.nonzero(out.numpy() != 255)
+    shape = (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+    shorter = shape[0]
+    assert 20 <= shorter <= 30
+    # Draws of 27..30 all hit the cap (60 px wide at 27+ would pass 40): 27 x 40.
+    assert shape == _detectron2_shape(40, 60, shorter, 40), shape
+    assert shape[1] <= 40
+    drawn.add(shorter)
+  assert drawn == set(range(20, 28))   # 60 uniform draws over 20..30 hit every outcome

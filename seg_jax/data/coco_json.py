@@ -475,13 +475,16 @@ def prepare_coco_json(files: dict[str, tuple[str, str]], *, data_dir: str | None
 
 def decode(example: dict, max_instances: int) -> dict:
   """Stored example -> {'image', 'mask', 'instance_masks' [M, H, W], 'classes' [M],
-  'num_instances', 'id'}. Crowd regions are not instances: they are never positives."""
+  'num_instances', 'crowd' uint8 [H, W], 'id'}. Crowd regions are not instances: they are
+  never positives, and `crowd` (their union) makes training ignore what they cover."""
   import tensorflow as tf
   from seg_jax.data import transforms
   objects = example["objects"]
   shape = tf.shape(example["image"])
   masks = tf.reshape(objects["mask"], [-1, shape[0], shape[1]])   # [N, H, W] (N may be 0)
   keep = tf.logical_not(objects["crowd"])
+  crowd = tf.reduce_max(tf.concat([tf.zeros([1, shape[0], shape[1]], tf.uint8),
+                                   tf.boolean_mask(masks, objects["crowd"])], 0), axis=0)
   masks = tf.boolean_mask(masks, keep)
   classes = tf.boolean_mask(objects["label"], keep)
   semantic = tf.reduce_max(tf.concat([
@@ -489,7 +492,8 @@ def decode(example: dict, max_instances: int) -> dict:
       tf.cast(masks, tf.int32) * classes[:, None, None]], 0), axis=0)
   instance_masks, padded_classes, count = transforms.pad_instances(masks, classes, max_instances)
   return {"image": example["image"], "mask": semantic, "instance_masks": instance_masks,
-          "classes": padded_classes, "num_instances": count, "id": example["id"]}
+          "classes": padded_classes, "num_instances": count, "crowd": crowd,
+          "id": example["id"]}
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -502,8 +506,8 @@ class EvalReference:
   category_ids: list[int]
   image_ids: dict[str, int]
   sizes: dict[str, tuple[int, int]]
-  canvas: tuple[int, int] = (0, 0)          # the eval canvas and dataset.resize (the pipeline's)
-  resize: int = 0
+  canvas: tuple[int, int] = (0, 0)          # the eval canvas and resize (the pipeline's)
+  resize: Any = None                        # transforms.Resize
 
 
 def eval_reference(builder, split: str) -> EvalReference:
@@ -515,12 +519,12 @@ def eval_reference(builder, split: str) -> EvalReference:
 
 
 def data_facts(builder) -> dict[str, int]:
-  """Values the data determines: class count (with background) and the largest object counts."""
+  """Values the data determines: class count (with background) and each split's largest
+  object count."""
   meta = builder.info.metadata
   return {"num_classes": len(meta["category_ids"]) + 1,
           "category_ids": [int(c) for c in meta["category_ids"]],
-          "max_objects_train": int(meta["max_objects"].get("train", 0)),
-          "max_objects": max(int(v) for v in meta["max_objects"].values())}
+          "max_objects": {split: int(n) for split, n in meta["max_objects"].items()}}
 
 
 # ---------------------------------------------------------------------------- dataset entry

@@ -84,10 +84,12 @@ def resolve_config(config: ml_collections.ConfigDict, builder: tfds.core.Dataset
   """`config` with what the prepared data determines (datasets with `facts`: coco_json).
 
   dataset.num_classes 0 -> the data's class count (another value that disagrees is a
-  ConfigError); dataset.max_instances 0 -> the most objects one image holds (a smaller
-  explicit value is a DataError naming the key). Detection budgets that would cap the
-  crowdest image (model.detections_per_image, model.rpn_post_nms_topk) are raised to it,
-  with a warning naming the key. Other datasets: `config` unchanged.
+  ConfigError); dataset.max_instances 0 -> the most objects one *training* image holds (a
+  smaller explicit value is a DataError naming the key): it is the training step's static
+  ground-truth budget, so a crowded eval image does not make every training step dearer; eval
+  batches hold their own split's most (`instance_budget`). Detection budgets that would cap
+  the crowdest image of any split (model.detections_per_image, model.rpn_post_nms_topk) are
+  raised to it, with a warning naming the key. Other datasets: `config` unchanged.
   """
   entry = registry.dataset_entry(config.dataset.name)
   if entry.facts is None:
@@ -101,13 +103,15 @@ def resolve_config(config: ml_collections.ConfigDict, builder: tfds.core.Dataset
     registry.fail("dataset.num_classes", d.num_classes,
                   f"the training data has {facts['num_classes'] - 1} categories, so "
                   f"{facts['num_classes']} classes with background; leave it 0 (from the data)")
-  most = max(1, facts["max_objects"])
+  most_train = max(1, facts["max_objects"].get("train", 0))
+  most = max(1, *facts["max_objects"].values())
   if registry.model_entry(m.name).task == "instance":
     if d.max_instances == 0:
-      d.max_instances = most
-    elif d.max_instances < most:
-      raise DataError(f"dataset.max_instances={d.max_instances}, but an image of {d.name} holds "
-                      f"{most} objects: raise it, or set it to 0 (from the data)")
+      d.max_instances = most_train
+    elif d.max_instances < most_train:
+      raise DataError(f"dataset.max_instances={d.max_instances}, but a training image of "
+                      f"{d.name} holds {most_train} objects: raise it, or set it to 0 (from the "
+                      "data)")
     for key, need in (("detections_per_image", most), ("rpn_post_nms_topk", 2 * most)):
       if key in m and m[key] < need:
         from absl import logging
@@ -132,7 +136,7 @@ def eval_reference(config: ml_collections.ConfigDict, builder, split: str):
   import dataclasses
   return dataclasses.replace(entry.eval_reference(builder, split),
                              canvas=eval_canvas(config, builder, split),
-                             resize=config.dataset.resize)
+                             resize=transforms.eval_resize(config.dataset))
 
 
 def _feature_keys(config: ml_collections.ConfigDict) -> tuple[str, str, str]:
@@ -152,12 +156,26 @@ def image_channels(config: ml_collections.ConfigDict, builder: tfds.core.Dataset
   return int(builder.info.features[_feature_keys(config)[0]].shape[-1])
 
 
-def _decoder(config: ml_collections.ConfigDict):
-  """Stored example -> {'image': uint8/uint16 [H, W, C], 'mask': int32 [H, W] class ids, 'id'},
-  and for instance tasks 'instance_masks' [M, H, W], 'classes' [M] and 'num_instances'."""
+def instance_budget(config: ml_collections.ConfigDict, builder, split: str) -> int:
+  """Objects per image that `split`'s batches hold: dataset.max_instances (the training
+  step's budget), or, for an eval split of a dataset that knows its counts (`facts`), that
+  split's most if it is larger, since eval never feeds them to a training step."""
+  budget = config.dataset.max_instances
   entry = registry.dataset_entry(config.dataset.name)
+  if split != "train" and entry.facts is not None:
+    budget = max(budget, int(entry.facts(builder)["max_objects"].get(split, 0)))
+  return budget
+
+
+def _decoder(config: ml_collections.ConfigDict, max_instances: int | None = None):
+  """Stored example -> {'image': uint8/uint16 [H, W, C], 'mask': int32 [H, W] class ids, 'id'},
+  and for instance tasks 'instance_masks' [M, H, W], 'classes' [M] and 'num_instances'
+  (M = `max_instances`, by default dataset.max_instances)."""
+  entry = registry.dataset_entry(config.dataset.name)
+  if max_instances is None:
+    max_instances = config.dataset.max_instances
   if entry.decode is not None:
-    return lambda example: entry.decode(example, config.dataset.max_instances)
+    return lambda example: entry.decode(example, max_instances)
   image_key, mask_key, id_key = entry.feature_keys
   table = entry.label_table(config) if entry.label_table is not None else None
   instances = registry.model_entry(config.model.name).task == "instance"
@@ -170,7 +188,7 @@ def _decoder(config: ml_collections.ConfigDict):
     if instances:
       objects = example["objects"]
       out["instance_masks"], out["classes"], out["num_instances"] = transforms.pad_instances(
-          objects["mask"][..., 0], objects["label"], config.dataset.max_instances)
+          objects["mask"][..., 0], objects["label"], max_instances)
     return out
 
   return decode
@@ -181,7 +199,8 @@ def _view(example: dict, image, mask) -> dict:
   fields read back from the transformed label stack."""
   out = {"image": image, "id": example["id"]}
   if "instance_masks" in example:
-    out.update(transforms.unpack_instances(mask, example["classes"]))
+    out.update(transforms.unpack_instances(mask, example["classes"],
+                                           with_crowd="crowd" in example))
     out["num_instances"] = example["num_instances"]
   else:
     out["mask"] = mask
@@ -191,7 +210,8 @@ def _view(example: dict, image, mask) -> dict:
 def _labels(example: dict):
   """The label map the geometric transforms move: the mask, or the stack of mask and instances."""
   if "instance_masks" in example:
-    return transforms.pack_instances(example["mask"], example["instance_masks"])
+    return transforms.pack_instances(example["mask"], example["instance_masks"],
+                                     example.get("crowd"))
   return example["mask"]
 
 
@@ -219,8 +239,9 @@ def eval_canvas(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBui
   else:
     raise DataError(f"dataset {d.name} has images of different sizes and no stored sizes; set "
                     "dataset.eval_size=(H, W), the canvas eval images are padded to")
-  if d.resize:
-    sizes = [transforms.resized_shape(int(h), int(w), d.resize) for h, w in sizes]
+  resize = transforms.eval_resize(d)
+  if resize:
+    sizes = [transforms.resized_shape(int(h), int(w), resize) for h, w in sizes]
   return (_round_up(max(int(h) for h, _ in sizes), d.eval_pad_multiple),
           _round_up(max(int(w) for _, w in sizes), d.eval_pad_multiple))
 
@@ -273,13 +294,14 @@ def _check_instances(batch: dict[str, np.ndarray], max_instances: int) -> None:
 
 
 def _host_batches(ds: tf.data.Dataset, config: ml_collections.ConfigDict, *,
-                  with_ids: bool = False) -> Iterator[dict]:
+                  with_ids: bool = False, max_instances: int | None = None) -> Iterator[dict]:
   """Checked numpy batches; with `with_ids`, 'id' holds the examples' ids as str ('' = padding),
   to be popped before the batch goes to the devices."""
   for batch in tfds.as_numpy(ds.with_options(_input_options())):
     _check_labels(batch, config.dataset.num_classes, config.dataset.ignore_label)
     if "num_instances" in batch:
-      _check_instances(batch, config.dataset.max_instances)
+      _check_instances(batch, config.dataset.max_instances if max_instances is None
+                       else max_instances)
     ids = batch.pop("id")
     if with_ids:
       batch["id"] = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids])
@@ -315,8 +337,8 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
     seed = tf.stack([tf.constant(stream_seed, tf.int64), index])
     image, mask = transforms.train_augment(
         example["image"], _labels(example), seed, aug=d.augment, size=d.image_size,
-        ignore_label=d.ignore_label, resize=d.resize,
-        normalization=config.model.input_normalization)
+        ignore_label=d.ignore_label, resize=transforms.eval_resize(d),
+        resize_range=tuple(d.resize_range), normalization=config.model.input_normalization)
     return _view(example, image, mask)
 
   ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -324,10 +346,11 @@ def train_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetB
   return _host_batches(ds, config)
 
 
-def shown_shape(height: int, width: int, canvas: tuple[int, int], resize: int) -> tuple[int, int]:
-  """(height, width) an image of this size has inside its eval canvas (after `dataset.resize`
-  and the downscale-to-fit of `transforms.pad_to_canvas`): the same integer arithmetic, on the
-  host, so that eval outputs map back to the original pixels."""
+def shown_shape(height: int, width: int, canvas: tuple[int, int], resize: transforms.Resize
+                ) -> tuple[int, int]:
+  """(height, width) an image of this size has inside its eval canvas (after the eval resize,
+  `transforms.eval_resize`, and the downscale-to-fit of `transforms.pad_to_canvas`): the same
+  integer arithmetic, on the host, so that eval outputs map back to the original pixels."""
   if resize:
     height, width = transforms.resized_shape(height, width, resize)
   ch, cw = canvas
@@ -361,7 +384,8 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   host_batch = parallel.per_host_batch_size(config.batch_size)
   num_batches = num_eval_batches(config, builder, split)
   canvas = eval_canvas(config, builder, split)
-  decode = _decoder(config)
+  max_instances = instance_budget(config, builder, split)
+  decode = _decoder(config, max_instances)
   ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=False)
 
   # No Python control flow on tensors here (pad_to_canvas uses tf.cond), so AutoGraph,
@@ -370,7 +394,8 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   def prepare(example):
     example = decode(example)
     image, mask = transforms.eval_view(example["image"], _labels(example), canvas=canvas,
-                                       ignore_label=d.ignore_label, resize=d.resize,
+                                       ignore_label=d.ignore_label,
+                                       resize=transforms.eval_resize(d),
                                        normalization=config.model.input_normalization)
     return {**_view(example, image, mask), "valid": tf.constant(True)}
 
@@ -383,4 +408,4 @@ def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBu
   padding = tf.data.Dataset.from_tensors(padding).repeat()
   ds = ds.concatenate(padding).take(num_batches * host_batch)
   ds = ds.batch(host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _host_batches(ds, config, with_ids=with_ids)
+  return _host_batches(ds, config, with_ids=with_ids, max_instances=max_instances)

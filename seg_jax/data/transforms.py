@@ -17,6 +17,8 @@ alike, and read boxes off the transformed masks (`unpack_instances`).
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -45,23 +47,53 @@ def denormalize_image(image: np.ndarray, normalization: str = image_io.DEFAULT_N
   return np.clip(np.round(unit * 255.0), 0, 255).astype(np.uint8)
 
 
-def resized_shape(height, width, shorter_side: int):
-  """(height, width) with the shorter side = `shorter_side`, aspect kept, rounded half up.
+class Resize(NamedTuple):
+  """detectron2's ResizeShortestEdge: the shorter side to `shorter` (0 = as it is); then, where
+  the longer side would exceed `max_longer` (0 = no cap), the longer side to `max_longer`
+  instead. Aspect ratio kept. `shorter` may be a scalar tensor (a training draw)."""
+  shorter: Any = 0
+  max_longer: int = 0
+
+  def __bool__(self) -> bool:
+    return bool(self.max_longer) or not (isinstance(self.shorter, int) and self.shorter == 0)
+
+
+def eval_resize(dataset: ml_collections.ConfigDict) -> Resize:
+  """The deterministic resize of eval and predict: dataset.resize, capped by dataset.max_longer_side."""
+  return Resize(int(dataset.resize), int(dataset.max_longer_side))
+
+
+def resized_shape(height, width, rule: Resize):
+  """(height, width) after `rule`, rounded half up, each at least 1.
 
   Integer arithmetic, so that tf (in the pipeline) and Python ints (eval canvas
   sizes computed on the host) give the same numbers. Works on both.
   """
-  short = tf.minimum(height, width) if isinstance(height, tf.Tensor) else min(height, width)
-  return ((height * shorter_side + short // 2) // short,
-          (width * shorter_side + short // 2) // short)
+  if isinstance(height, tf.Tensor):
+    as_int = lambda v: tf.cast(v, height.dtype)
+    short, long_ = tf.minimum(height, width), tf.maximum(height, width)
+    shorter = tf.where(as_int(rule.shorter) > 0, as_int(rule.shorter), short)
+    where, maximum = tf.where, tf.maximum
+  else:
+    as_int = int
+    short, long_ = min(height, width), max(height, width)
+    shorter = rule.shorter or short
+    where, maximum = (lambda c, a, b: a if c else b), max
+  numerator, denominator = shorter, short
+  if rule.max_longer:
+    cap = as_int(rule.max_longer)
+    capped = long_ * shorter > cap * short
+    numerator, denominator = where(capped, cap, shorter), where(capped, long_, short)
+  return (maximum((height * numerator + denominator // 2) // denominator, 1),
+          maximum((width * numerator + denominator // 2) // denominator, 1))
 
 
-def resize_shorter_side(image, mask, shorter_side: int):
-  """Image bilinear, mask nearest, so that the shorter side is `shorter_side` (0 = unchanged)."""
-  if not shorter_side:
+def resize_shorter_side(image, mask, rule: Resize):
+  """Image bilinear, mask nearest, resized by `rule` (an empty rule leaves them unchanged)."""
+  if not rule:
     return image, mask
   shape = tf.shape(mask, out_type=tf.int64)
-  new_h, new_w = resized_shape(shape[0], shape[1], shorter_side)
+  new_h, new_w = resized_shape(shape[0], shape[1], rule)
   size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
   image = tf.image.resize(image, size, method="bilinear")
   mask = _resize_labels(mask, size)
@@ -180,17 +212,25 @@ def color_jitter(image, seed, *, brightness: float, contrast: float, saturation:
 
 
 def train_augment(image, mask, seed, *, aug: ml_collections.ConfigDict, size: int,
-                  ignore_label: int, resize: int = 0,
+                  ignore_label: int, resize: Resize = Resize(),
+                  resize_range: tuple[int, int] = (0, 0),
                   normalization: str = image_io.DEFAULT_NORMALIZATION):
   """Training view of one example: returns (float32 model input [size, size, C], int32 mask).
 
-  `image` is uint8 or uint16 [H, W, C] of any size. Optional resize of the
-  shorter side, then joint random scale-and-crop (padding with ignore_label
-  where the scaled image is smaller than the crop) and flips, then colour
-  jitter (RGB only), then the same normalisation as eval.
+  `image` is uint8 or uint16 [H, W, C] of any size. Optional resize (`resize`; with a
+  `resize_range` (lo, hi), the shorter side is drawn uniformly from lo..hi instead, as
+  detectron2's ResizeShortestEdge trains, still capped by `resize.max_longer`), then joint
+  random scale-and-crop (padding with ignore_label where the scaled image is smaller than the
+  crop) and flips, then colour jitter (RGB only), then the same normalisation as eval.
   """
   seeds = tf.random.experimental.stateless_split(seed, 3)
   image = to_unit_range(image)
+  if tuple(resize_range) != (0, 0):
+    # Its own stream (folded in), so the other draws stay as without a range.
+    shorter = tf.random.stateless_uniform(
+        [], tf.random.experimental.stateless_fold_in(seed, 3), resize_range[0],
+        resize_range[1] + 1, dtype=tf.int64)
+    resize = Resize(shorter, resize.max_longer)
   image, mask = resize_shorter_side(image, mask, resize)
   image, mask = random_scale_crop(image, mask, seeds[0], size=size, min_scale=aug.min_scale,
                                   max_scale=aug.max_scale, ignore_label=ignore_label)
@@ -200,11 +240,11 @@ def train_augment(image, mask, seed, *, aug: ml_collections.ConfigDict, size: in
   return unit_to_model_range(image, normalization), mask
 
 
-def eval_view(image, mask, *, canvas: tuple[int, int], ignore_label: int, resize: int = 0,
-              normalization: str = image_io.DEFAULT_NORMALIZATION):
+def eval_view(image, mask, *, canvas: tuple[int, int], ignore_label: int,
+              resize: Resize = Resize(), normalization: str = image_io.DEFAULT_NORMALIZATION):
   """Eval view of one example: (float32 model input [H, W, C], int32 mask [H, W]).
 
-  Optional resize of the shorter side, then `pad_to_canvas`; padding is black
+  Optional resize (`eval_resize`), then `pad_to_canvas`; padding is black
   (0 before normalisation) like the training crops' padding, and `ignore_label` in the mask.
   """
   image = to_unit_range(image)
@@ -231,9 +271,11 @@ def pad_instances(instance_masks, classes, max_instances: int):
           tf.ensure_shape(classes, [max_instances]), count)
 
 
-def pack_instances(mask, instance_masks):
-  """Semantic mask [H, W] and instance masks [M, H, W] -> one label stack int32 [H, W, 1 + M]."""
-  return tf.concat([tf.cast(mask, tf.int32)[..., None],
+def pack_instances(mask, instance_masks, crowd=None):
+  """Semantic mask [H, W] and instance masks [M, H, W] -> one label stack int32 [H, W, 1 + M]
+  (with a crowd region [H, W], [H, W, 2 + M]: it is channel 1)."""
+  extra = [] if crowd is None else [tf.cast(crowd, tf.int32)[..., None]]
+  return tf.concat([tf.cast(mask, tf.int32)[..., None], *extra,
                     tf.transpose(tf.cast(instance_masks, tf.int32), [1, 2, 0])], axis=-1)
 
 
@@ -255,15 +297,20 @@ def boxes_from_masks(instance_masks):
   return tf.where(present[:, None], boxes, 0.0)
 
 
-def unpack_instances(stack, classes):
-  """Inverse of `pack_instances` after transforms: {'mask', 'instance_masks', 'boxes', 'classes'}.
+def unpack_instances(stack, classes, *, with_crowd: bool = False):
+  """Inverse of `pack_instances` after transforms: {'mask', 'instance_masks', 'boxes', 'classes'}
+  (and 'crowd' uint8 [H, W] `with_crowd`).
 
   An instance with no pixel left (cropped away) gets class 0, the padding
   class; boxes are re-read from the transformed masks, so they stay tight.
-  Padding of a crop (ignore label in every channel) belongs to no instance.
+  Padding of a crop (ignore label in every channel) belongs to no instance and no crowd.
   """
-  instance_masks = tf.transpose(stack[..., 1:], [2, 0, 1]) == 1
+  first = 2 if with_crowd else 1
+  instance_masks = tf.transpose(stack[..., first:], [2, 0, 1]) == 1
   present = tf.reduce_any(instance_masks, axis=[1, 2])
-  return {"mask": stack[..., 0], "instance_masks": tf.cast(instance_masks, tf.uint8),
-          "boxes": boxes_from_masks(instance_masks),
-          "classes": tf.where(present, tf.cast(classes, tf.int32), 0)}
+  out = {"mask": stack[..., 0], "instance_masks": tf.cast(instance_masks, tf.uint8),
+         "boxes": boxes_from_masks(instance_masks),
+         "classes": tf.where(present, tf.cast(classes, tf.int32), 0)}
+  if with_crowd:
+    out["crowd"] = tf.cast(stack[..., 1] == 1, tf.uint8)
+  return out

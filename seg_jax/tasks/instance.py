@@ -2,7 +2,8 @@
 
 Batches carry, besides `image` and `mask`, the padded instances of the data
 contract: `boxes [B, M, 4]` (y0, x0, y1, x1 in pixels), `classes [B, M]`
-(0 = padding) and `instance_masks [B, M, H, W]`. The eval step returns the
+(0 = padding) and `instance_masks [B, M, H, W]`; datasets that mark crowd regions
+(coco_json's `iscrowd=1`) add `crowd` uint8 `[B, H, W]`, which training ignores. The eval step returns the
 detector's fixed-size detections with their masks pasted into the image and
 thresholded at 0.5 on device; the host gathers them (and the ground truth) to
 every process and scores them with pycocotools (`seg_jax/coco_eval.py`).
@@ -29,9 +30,13 @@ GT_KEYS = ("boxes", "classes", "instance_masks", "valid")
 
 
 def detector_targets(batch: dict) -> dict:
-  """The data contract's instance fields in the names MaskRCNN takes."""
-  return {"gt_boxes": batch["boxes"], "gt_classes": batch["classes"],
-          "gt_valid": batch["classes"] > 0, "gt_masks": batch["instance_masks"]}
+  """The data contract's instance fields in the names MaskRCNN takes (and `crowd`, the crowd
+  regions of datasets that mark them, coco_json)."""
+  targets = {"gt_boxes": batch["boxes"], "gt_classes": batch["classes"],
+             "gt_valid": batch["classes"] > 0, "gt_masks": batch["instance_masks"]}
+  if "crowd" in batch:
+    targets["gt_crowd"] = batch["crowd"]
+  return targets
 
 
 class InstanceTask:

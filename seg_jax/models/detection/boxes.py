@@ -61,6 +61,25 @@ def pairwise_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
   return jnp.where(positive, inter / jnp.where(positive, union, 1), 0)
 
 
+def region_coverage(boxes: jax.Array, region: jax.Array) -> jax.Array:
+  """Fraction `[M]` of each box's own area that a binary region `[H, W]` covers.
+
+  The pixels counted are those inside the box's bounds rounded to the grid and clipped to the
+  image, read off a summed-area table; the area is the unclipped box's, so a box reaching out
+  of the image is covered only by its part inside. Boxes of zero area give 0.
+  """
+  height, width = region.shape
+  table = jnp.pad(jnp.cumsum(jnp.cumsum(region.astype(jnp.int32), axis=0), axis=1),
+                  ((1, 0), (1, 0)))
+  bounds = jnp.round(boxes).astype(jnp.int32)
+  y0, y1 = (jnp.clip(bounds[:, k], 0, height) for k in (0, 2))
+  x0, x1 = (jnp.clip(bounds[:, k], 0, width) for k in (1, 3))
+  y1, x1 = jnp.maximum(y1, y0), jnp.maximum(x1, x0)
+  inside = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+  area = box_area(boxes)
+  return jnp.where(area > 0, inside / jnp.maximum(area, 1e-6), 0.0)
+
+
 def clip_boxes(boxes: jax.Array, height: jax.Array | float, width: jax.Array | float) -> jax.Array:
   """Clips `[..., 4]` boxes to the image `[0, height] x [0, width]`.
 

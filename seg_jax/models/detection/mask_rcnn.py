@@ -8,7 +8,9 @@ image size and runs data-parallel like the semantic models:
 - anchors are numpy constants computed from the pyramid's static sizes;
 - the RPN keeps a fixed `pre_nms_topk` per level and `post_nms_topk` proposals
   per image, padded, with a validity mask (`rpn.generate_proposals`);
-- ground truth comes padded to G boxes per image with `gt_valid`;
+- ground truth comes padded to G boxes per image with `gt_valid`, and optionally with
+  crowd regions, which make the anchors and proposals they cover neither positives nor
+  negatives (`targets.crowd_ignore`, `crowd_ignore_coverage`);
 - the second stage samples exactly `roi_num_samples` RoIs per image, foreground
   first (`roi_heads.sample_rois`), and the mask head runs on the first rows
   of them, which hold every sampled foreground RoI (at most
@@ -22,7 +24,8 @@ budgets that holds the real rows (`budgets.py`): its foreground RoIs in training
 its valid detections at inference.
 
 Targets (train): `gt_boxes [N, G, 4]` (y0, x0, y1, x1) in pixels, `gt_classes
-[N, G]` in 1..K, `gt_valid [N, G]` bool, and for masks `gt_masks [N, G, H, W]`.
+[N, G]` in 1..K, `gt_valid [N, G]` bool, for masks `gt_masks [N, G, H, W]`, and optionally
+`gt_crowd [N, H, W]` (bool or 0/1: COCO's iscrowd regions).
 Sampling needs the 'sampling' PRNG stream (`rngs={'sampling': key}`).
 """
 
@@ -71,6 +74,7 @@ class MaskRCNN(nn.Module):
   rpn_num_samples: int = 256                         # anchors per image in the RPN loss
   roi_num_samples: int = 512                         # RoIs per image in the second stage's losses
   roi_positive_fraction: float = 0.25
+  crowd_ignore_coverage: float = 0.7                 # anchors/RoIs this much inside a crowd: ignored
   canonical_size: float = 224.0                      # RoI of this side pools from P4 (FPN eq. 1)
   box_head_hidden: int = 1024                        # the two FC layers of the box head
   mask_head_features: int = 256                      # the four 3x3 convs of the mask head
@@ -172,12 +176,14 @@ class MaskRCNN(nn.Module):
       return out
 
     rpn_key, roi_key = jax.random.split(self.make_rng("sampling"))
+    crowd = targets.get("gt_crowd")
     # The named scopes label the parts in profiles (benchmarks/profile_step.py).
     with jax.named_scope("rpn_targets"):
       all_anchors = jnp.concatenate([jnp.asarray(a) for a in level_anchors], axis=0)
       positive, negative, target_deltas = target_ops.rpn_targets(
           all_anchors, targets["gt_boxes"], targets["gt_valid"], rpn_key,
-          num_samples=self.rpn_num_samples)
+          num_samples=self.rpn_num_samples, crowd=crowd,
+          crowd_coverage=self.crowd_ignore_coverage)
     with jax.named_scope("losses"):
       losses = target_ops.rpn_loss(logits, deltas, positive, negative, target_deltas,
                                    num_samples=self.rpn_num_samples)
@@ -185,7 +191,8 @@ class MaskRCNN(nn.Module):
       rois = roi_heads.sample_rois(proposals, proposal_valid, targets["gt_boxes"],
                                    targets["gt_classes"], targets["gt_valid"], roi_key,
                                    num_samples=self.roi_num_samples,
-                                   positive_fraction=self.roi_positive_fraction)
+                                   positive_fraction=self.roi_positive_fraction, crowd=crowd,
+                                   crowd_coverage=self.crowd_ignore_coverage)
     with jax.named_scope("box_roi_align"):
       pooled = self._pool(pyramid, rois.boxes, 7)
     class_logits, box_deltas = box_head(pooled)
@@ -224,7 +231,8 @@ def _check(config) -> None:
     registry.check_int(f"model.{key}", m[key])
   if m.mask_size % 2:
     registry.fail("model.mask_size", m.mask_size, "must be even (the head upsamples 2x)")
-  for key in ("rpn_nms_threshold", "nms_threshold", "score_threshold", "roi_positive_fraction"):
+  for key in ("rpn_nms_threshold", "nms_threshold", "score_threshold", "roi_positive_fraction",
+              "crowd_ignore_coverage"):
     registry.check_fraction(f"model.{key}", m[key])
   if int(m.roi_num_samples * m.roi_positive_fraction) < 1:
     registry.fail("model.roi_positive_fraction", m.roi_positive_fraction,

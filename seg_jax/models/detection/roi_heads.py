@@ -44,15 +44,18 @@ class SampledRois(NamedTuple):
 def sample_rois(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.Array,
                 gt_classes: jax.Array, gt_valid: jax.Array, key: jax.Array, *,
                 num_samples: int = 512, positive_fraction: float = 0.25,
-                iou_threshold: float = 0.5) -> SampledRois:
+                iou_threshold: float = 0.5, crowd: jax.Array | None = None,
+                crowd_coverage: float = 0.7) -> SampledRois:
   """RoIs and their targets for a batch (proposals `[N, P, 4]`, ground truth `[N, G, ...]`;
-  `gt_classes` are 1..K)."""
+  `gt_classes` are 1..K; optional crowd regions `[N, H, W]`, whose covered proposals are not
+  sampled as background: `target_ops.crowd_ignore`)."""
 
-  def one(props, props_valid, boxes, classes, valid, key):
+  def one(props, props_valid, boxes, classes, valid, key, crowd):
     candidates = jnp.concatenate([props, boxes], axis=0)
     candidate_valid = jnp.concatenate([props_valid, valid], axis=0)
-    matched, labels = target_ops.match(candidates, boxes, valid, high=iou_threshold,
-                                       low=iou_threshold, allow_low_quality=False)
+    matched, labels = target_ops.match(
+        candidates, boxes, valid, high=iou_threshold, low=iou_threshold, allow_low_quality=False,
+        ignore=target_ops.crowd_ignore(candidates, crowd, crowd_coverage))
     labels = jnp.where(candidate_valid, labels, target_ops.IGNORE)
     positive, negative = target_ops.sample(labels, key, num_samples=num_samples,
                                            positive_fraction=positive_fraction)
@@ -73,7 +76,7 @@ def sample_rois(proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.A
                      f"per image cannot fill num_samples={num_samples} RoIs")
   keys = jax.random.split(key, proposals.shape[0])
   return jax.vmap(one)(lax.stop_gradient(proposals), proposal_valid, gt_boxes, gt_classes,
-                       gt_valid, keys)
+                       gt_valid, keys, crowd)
 
 
 class BoxHead(nn.Module):

@@ -8,6 +8,12 @@ overlap it best (ties included) even below `high`, so no object goes
 unmatched. Ground-truth boxes are padded to a fixed count G per image and
 `gt_valid` marks the real ones; an image without any is all background.
 
+Crowd regions (COCO's `iscrowd=1`: a clump labelled as one region) are neither
+positives nor negatives: an anchor or proposal that a crowd region covers for at
+least a fraction `crowd_coverage` of its area, and that no object claims as
+foreground, is ignored (Detectron's crowd filter, there with IoA against crowd
+boxes, 0.7; here against the crowd pixels).
+
 `sample` picks at most `num_samples` labelled anchors per image, at most
 `positive_fraction` of them foreground, uniformly at random among the
 candidates (random keys and `lax.top_k`, so the count is static), and
@@ -27,7 +33,8 @@ FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
 
 
 def match(anchors: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array, *, high: float,
-          low: float, allow_low_quality: bool) -> tuple[jax.Array, jax.Array]:
+          low: float, allow_low_quality: bool, ignore: jax.Array | None = None
+          ) -> tuple[jax.Array, jax.Array]:
   """`(matched_gt [M] int32, labels [M] int32)` for one image.
 
   Args:
@@ -37,6 +44,8 @@ def match(anchors: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array, *, high:
     high, low: IoU thresholds (low <= high).
     allow_low_quality: also label foreground each anchor with the highest IoU
       for some ground-truth box (if that IoU is > 0).
+    ignore: optional bool `[M]`: anchors that may be foreground but never background
+      (those a crowd region covers, `crowd_ignore`).
 
   `matched_gt[m]` is the ground-truth box of highest IoU (lowest index on
   ties); meaningful where `labels == 1`.
@@ -51,7 +60,18 @@ def match(anchors: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array, *, high:
     best_for_gt = iou.max(axis=1, keepdims=True)                      # [G, 1]
     claimed = ((iou == best_for_gt) & (best_for_gt > 0) & gt_valid[:, None]).any(axis=0)
     labels = jnp.where(claimed, FOREGROUND, labels)
+  if ignore is not None:
+    labels = jnp.where(ignore & (labels == BACKGROUND), IGNORE, labels)
   return matched, labels
+
+
+def crowd_ignore(anchors: jax.Array, crowd: jax.Array | None, coverage: float
+                 ) -> jax.Array | None:
+  """bool `[M]`: anchors a crowd region `[H, W]` covers for at least `coverage` of their area
+  (None without a crowd region)."""
+  if crowd is None:
+    return None
+  return box_ops.region_coverage(anchors, crowd) >= coverage
 
 
 def sample(labels: jax.Array, key: jax.Array, *, num_samples: int,
@@ -85,27 +105,29 @@ def sample(labels: jax.Array, key: jax.Array, *, num_samples: int,
 
 def rpn_targets(anchors: jax.Array, gt_boxes: jax.Array, gt_valid: jax.Array, key: jax.Array, *,
                 num_samples: int = 256, positive_fraction: float = 0.5, high: float = 0.7,
-                low: float = 0.3, weights=(1.0, 1.0, 1.0, 1.0)
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                low: float = 0.3, weights=(1.0, 1.0, 1.0, 1.0), crowd: jax.Array | None = None,
+                crowd_coverage: float = 0.7) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per image of a batch: sampled positive and negative anchors and the positives' deltas.
 
   Args:
     anchors: `[M, 4]`, shared by the batch.
     gt_boxes: `[N, G, 4]`; gt_valid: bool `[N, G]`.
     key: one PRNG key for the batch.
+    crowd: optional bool `[N, H, W]` crowd regions: the anchors they cover are ignored.
 
   Returns:
     `(positive [N, M] bool, negative [N, M] bool, target_deltas [N, M, 4])`.
   """
-  def one(boxes, valid, key):
-    matched, labels = match(anchors, boxes, valid, high=high, low=low, allow_low_quality=True)
+  def one(boxes, valid, key, crowd):
+    matched, labels = match(anchors, boxes, valid, high=high, low=low, allow_low_quality=True,
+                            ignore=crowd_ignore(anchors, crowd, crowd_coverage))
     positive, negative = sample(labels, key, num_samples=num_samples,
                                 positive_fraction=positive_fraction)
     deltas = box_ops.encode_boxes(boxes[matched], anchors, weights)
     return positive, negative, jnp.where(positive[:, None], deltas, 0.0)
 
   keys = jax.random.split(key, gt_boxes.shape[0])
-  return jax.vmap(one)(gt_boxes, gt_valid, keys)
+  return jax.vmap(one)(gt_boxes, gt_valid, keys, crowd)
 
 
 def smooth_l1(x: jax.Array, beta: float) -> jax.Array:
