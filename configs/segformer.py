@@ -33,8 +33,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     return config_lib.apply_options(_ade20k(), options)
   config = config_lib.with_model(unet.get_config(), "segformer")
   config.model.variant = "b0"
-  config.model.drop_path_rate = 0.1
-  config.model.dropout = 0.1
+  # Off: from scratch on these scenes the model underfits (its training Dice is no better than
+  # its validation Dice), so stochastic depth and dropout have nothing to regularise.
+  config.model.drop_path_rate = 0.0
+  config.model.dropout = 0.0
 
   config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 5e-4

@@ -16,6 +16,7 @@ from flax import traverse_util
 
 from seg_jax import config as config_lib
 from seg_jax import init_from
+from seg_jax import losses
 from seg_jax import torch_checkpoint
 from seg_jax.models import segformer
 from tests.conftest import tiny_config
@@ -65,6 +66,34 @@ def test_init_from_a_transformers_directory_loads_every_array(reference, forward
   assert len(report.loaded) == len(_flat(fresh))
   np.testing.assert_allclose(np.asarray(forward(variables, image)), _nhwc(outputs["upsampled"]),
                              rtol=0, atol=1e-4)
+
+
+def test_training_loss_and_gradients_are_transformers(reference):
+  """Training mode (batch norm on the batch's statistics; stochastic depth and dropout off): the
+  trainer's cross-entropy of our upsampled logits is transformers' loss, and its gradient with
+  respect to every parameter is torch's (train_gradients.npz), mapped as the weights are."""
+  tensors, hf_config, outputs, model, image = reference
+  expected = dict(np.load(os.path.join(FIXTURE, "train_gradients.npz")))
+  variables = segformer.convert_transformers(tensors, hf_config)
+  no_dropout = model.clone(drop_path_rate=0.0, dropout=0.0)
+
+  def loss_fn(params):
+    logits, _ = no_dropout.apply({**variables, "params": params}, image, train=True,
+                                 mutable=["batch_stats"])
+    return losses.softmax_cross_entropy(logits, jnp.asarray(expected["labels"]), ignore_label=255)
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+  np.testing.assert_allclose(float(loss), float(expected["loss"]), rtol=1e-5)
+  torch_grads = segformer.convert_transformers(
+      {k.removeprefix("grad/"): v for k, v in expected.items() if k.startswith("grad/")})
+  got, want = _flat(jax.device_get(grads)), _flat(torch_grads["params"])
+  assert got.keys() == want.keys()
+  for key in want:
+    # Within 1e-4 of each array's largest gradient; the key biases, and the biases before the
+    # decoder's batch norm, have zero gradient in exact arithmetic (~1e-9 here).
+    scale = max(np.abs(want[key]).max(), 1e-2)
+    np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-4 * scale, err_msg=key)
+  assert np.abs(want["encoder/stage0_patch_embed/kernel"]).max() > 1e-3  # the signal reaches the input
 
 
 def test_upsampling_is_torch_bilinear_without_corner_alignment(reference):
