@@ -8,11 +8,13 @@ Writes WORKDIR/export/ (replacing an older export only once every check passed):
                       (dynamic N, H, W) -> classes int32 [N, H, W], probabilities float32
                       [N, H, W, K]
   model.onnx          the same signature for onnxruntime (dynamic N, H, W); export.onnx=False
-                      leaves it out (DeepLabv3+: tf2onnx mistranslates its bilinear resizes)
+                      leaves it out
   model.tflite        the same at a fixed [1, S, S, C] input (S = export.image_size), float32;
   model_fp16.tflite   float16 weights; model_int8.tflite: int8 weights (dynamic range)
   model.stablehlo     `jax.export` serialisation (dynamic N, H, W) for serving from JAX
-  export.json         class names, input rules, normalisation, step, every artefact's checks
+  export.json         class names, input rules, normalisation, step, every artefact's checks,
+                      the int8 model's validation Dice beside the JAX model's, and what was
+                      not exported and why
 
 Any H and W: inside the graph the image is mirrored (numpy's 'reflect') up to at least
 export.min_size (default predict.tile_size) and a multiple of the model's input multiple, and
@@ -20,8 +22,16 @@ the outputs are cropped back. That is how predict pads an image smaller than a t
 such images the class ids equal predict's label PNG; larger images are segmented whole where
 predict blends tiles (the README measures the difference).
 
-The traced functions (`serving_probabilities`, `serving_outputs`) are pure; it normalises as training did
-(`image_io.NORMALIZATION`) and maps logits to probabilities with predict's own
+Volumetric models (the 3D U-Net) take float32 volumes [N, D, H, W, C] as --mode=predict
+prepares NIfTI scans (resampled and normalised outside the graph, as model.json's
+volume_preprocessing says), zero-padded in the graph up to the model's input multiples (0 is
+the normalised mean; the sliding windows pad so) and cropped back; outputs [N, D, H, W] and
+[N, D, H, W, K]. SavedModel and StableHLO are required; TF 2.21's TFLite converter cannot
+legalise their 8-D depth-to-space transposes (TFLite: at most 6-D) nor, past those, the 3-D
+convolutions, so TFLite and ONNX (made from TFLite) are left out with that one-line reason.
+
+The traced functions (`serving_probabilities`, `serving_outputs`) are pure; they normalise as
+training did (`image_io.NORMALIZATION`) and map logits to probabilities with predict's own
 `logits_to_probabilities`. Class ids are the first maximum of the probabilities, as predict
 writes them. Convolutions are traced with the "xla" backend: a oneDNN custom call cannot be
 serialised.
@@ -31,8 +41,10 @@ TF's TFLiteConverter for TFLite; tf2onnx from a dynamic-shape TFLite model for O
 cannot read the SavedModel's XlaCallModule op; jax2onnx would downgrade orbax-checkpoint).
 
 Each artefact is loaded by its own runtime (TF, the TFLite interpreter, onnxruntime,
-`jax.export.deserialize`) on probe images of two sizes and compared with the JAX model:
-class ids must agree on >= 99.9% of pixels (the int8 model's agreement is reported only).
+`jax.export.deserialize`) on probe inputs of two sizes and compared with the JAX model:
+class ids must agree on >= 99.9% of the decided pixels (the int8 model's agreement is reported
+only, with its Dice on up to export.dice_images validation images of the TFLite size).
+Detectors are refused in one line.
 """
 
 from __future__ import annotations
