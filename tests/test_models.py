@@ -44,7 +44,6 @@ def test_depth_to_space_against_numpy_loop():
   np.testing.assert_array_equal(y, expected)
 
 
-
 @pytest.mark.parametrize("factors", [(4, 4), (1, 3, 2)])
 def test_upsample_bilinear_equals_jax_image_resize(factors):
   """DeepLabv3+'s resizes (half-pixel centres, edges clamped), rewritten for ONNX export, give
@@ -54,6 +53,7 @@ def test_upsample_bilinear_equals_jax_image_resize(factors):
   out_shape = (2, *[n * f for n, f in zip(shape[1:-1], factors)], 3)
   np.testing.assert_allclose(layers.upsample_bilinear(jnp.asarray(x), factors),
                              jax.image.resize(x, out_shape, "bilinear"), rtol=0, atol=2e-6)
+
 
 @pytest.mark.parametrize("norm,upsample", [("batch", "transpose"), ("group", "resize"),
                                            ("none", "transpose")])
