@@ -140,7 +140,10 @@ def base_config(model: str = DEFAULT_MODEL, dataset: str = DEFAULT_DATASET
   # the model's input multiple), then the outputs cropped: predict pads an image smaller than a
   # tile so, and their class ids then match. 0 = predict.tile_size.
   c.export.min_size = 0
-  c.export.onnx = True              # False: no model.onnx (tf2onnx cannot convert DeepLabv3+)
+  c.export.onnx = True              # False: no model.onnx
+  # The int8 TFLite model's Dice (beside the JAX model's) on the first this many images of
+  # dataset.eval_split whose size is the TFLite input's; 0 = not measured.
+  c.export.dice_images = 64
   c.predict.score_threshold = 0.5   # detectors: detections drawn and in <stem>_instances.png
   return c
 
@@ -398,6 +401,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   registry.check_int("export.step", config.export.step, minimum=0)
   registry.check_int("export.image_size", config.export.image_size, minimum=0)
   registry.check_int("export.min_size", config.export.min_size, minimum=0)
+  registry.check_int("export.dice_images", config.export.dice_images, minimum=0)
   if not isinstance(config.export.onnx, bool):
     _fail("export.onnx", config.export.onnx, "must be True or False")
   if config.export.image_size % multiple:

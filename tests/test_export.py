@@ -7,6 +7,7 @@ label PNGs. One export of a tiny trained U-Net is shared by the tests.
 """
 
 import copy
+import functools
 import json
 import os
 import socket
@@ -230,3 +231,119 @@ def test_the_graph_normalises_as_the_model_was_trained(exported):
     logits = np.asarray(model.apply(variables, x.astype(np.float32), train=False), np.float64)
     e = np.exp(logits - logits.max(-1, keepdims=True))
     np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=0, atol=1e-5)
+
+
+def _dice(classes, labels, num_classes):
+  """Mean Dice over the classes present in truth or prediction, label 255 not counted."""
+  counted = labels != 255
+  scores = []
+  for k in range(num_classes):
+    truth, predicted = (labels == k) & counted, (classes == k) & counted
+    if truth.sum() + predicted.sum():
+      scores.append(2 * np.sum(truth & predicted) / (truth.sum() + predicted.sum()))
+  return float(np.mean(scores))
+
+
+def test_int8_validation_dice_is_recorded_beside_the_jax_models(exported):
+  """export.json's int8 Dice equals this test's Dice of the int8 model's class ids on the
+  validation images (all 12 are 32x32), and the JAX model's Dice on them is beside it."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  from seg_jax.data import pipeline
+  config, _, out, model, variables = exported
+  with open(os.path.join(out, "export.json")) as f:
+    validation = json.load(f)["artefacts"]["tflite_int8"]["validation"]
+  builder, _ = pipeline.prepare_dataset(config)
+  examples = list(tfds.as_numpy(builder.as_dataset(split="validation", shuffle_files=False)))
+  images = np.stack([e["image"] for e in examples])
+  labels = np.stack([e["mask"][..., 0] for e in examples])
+  assert validation["images"] == len(images) == 12
+  runner = tf.lite.Interpreter(
+      model_path=os.path.join(out, "model_int8.tflite")).get_signature_runner()
+  int8 = np.concatenate([runner(image=image[None])["classes"] for image in images])
+  jax_classes = _reference(model, variables, images)[0]
+  assert validation["int8"]["dice"] == pytest.approx(_dice(int8, labels, 6), abs=1e-9)
+  assert validation["jax"]["dice"] == pytest.approx(_dice(jax_classes, labels, 6), abs=1e-9)
+  assert validation["agreement"] == pytest.approx(np.mean(int8 == jax_classes))
+
+
+def _tiny_deeplab():
+  c = config_lib.with_model(config_lib.base_config(), "deeplabv3plus")
+  c.model.backbone, c.model.width, c.model.stem = "resnet10", 8, "small"
+  c.model.aspp_features, c.model.aspp_rates = 8, (1, 2)
+  c.model.low_level_features, c.model.decoder_features = 8, 8
+  return c
+
+
+def test_deeplab_exports_to_onnx_and_agrees_with_jax_on_two_sizes(tmp_path):
+  """Its bilinear resizes reach onnxruntime intact (they once failed in tf2onnx); references
+  from the model's logits on numpy-mirrored images."""
+  import onnxruntime
+  from seg_jax import models
+  config = _tiny_deeplab()
+  model = models.build_model(config)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  serving = export.ServingInput(channels=3, multiples=(16, 16), fixed_size=(32, 32),
+                                min_size=32)
+  probabilities_fn = lambda images: export.serving_probabilities(variables, images, model=model)
+  module, _ = export.tf_functions(probabilities_fn, serving)
+  export.write_onnx(module, str(tmp_path / "model.onnx"))
+  session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"),
+                                         providers=["CPUExecutionProvider"])
+  for height, width in ((32, 32), (29, 30)):
+    images = _images(2, height, width, seed=height)
+    # Mirrored up to 32 (min_size) and a multiple of 16: both run the model at 32x32 (one
+    # compiled reference).
+    pads = [(0, max(n, 32) + -max(n, 32) % 16 - n) for n in (height, width)]
+    padded = np.pad(images, [(0, 0), *pads, (0, 0)], mode="reflect")
+    logits = np.asarray(apply(variables, padded.astype(np.float32) / 255 * 2 - 1),
+                        np.float64)[:, :height, :width]
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities = e / e.sum(-1, keepdims=True)
+    classes, onnx_probabilities = session.run(["classes", "probabilities"], {"image": images})
+    _assert_agrees("onnx", classes, onnx_probabilities,
+                   (probabilities.argmax(-1), probabilities), atol=1e-4)
+
+
+def test_a_tiny_3d_unet_exports_saved_model_and_stablehlo_and_says_what_it_leaves_out(tmp_path):
+  """float32 volumes [N, D, H, W, C] in, zero-padded to the model's multiples in the graph;
+  the references pad with numpy and apply the model to the volumes as given (normalised
+  outside the graph, as predict prepares scans)."""
+  import tensorflow as tf
+  from seg_jax import models
+  config = config_lib.base_config(model="unet3d", dataset="shapes3d")
+  config.dataset.patch_size = (8, 8, 8)
+  config.model.width, config.model.depth, config.model.max_width = 4, 1, 8
+  model = models.build_model(config)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 8, 1), np.float32),
+                         train=False)
+  serving = export.serving_input(config, channels=1, normalization="minus_one_to_one")
+  assert serving.volumes and serving.multiples == (2, 2, 2)
+  description = export.export_variables(model, variables, str(tmp_path), serving,
+                                        info={"num_classes": config.dataset.num_classes})
+  assert description["input"]["dtype"] == "float32" and description["input"]["layout"] == "NDHWC"
+  assert description["normalization"]["inside_the_graph"] is False
+  for filename in ("model.tflite", "model_fp16.tflite", "model_int8.tflite", "model.onnx"):
+    written = any(a["file"] == filename for a in description["artefacts"].values())
+    reason = description["not_exported"].get(filename)
+    assert written != bool(reason) and os.path.exists(tmp_path / filename) == written
+    assert reason is None or "\n" not in reason
+  serve = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
+  with open(tmp_path / "model.stablehlo", "rb") as f:
+    stablehlo = jax.export.deserialize(bytearray(f.read()))
+  rng = np.random.default_rng(0)
+  for shape in ((2, 8, 8, 8, 1), (1, 5, 7, 9, 1)):
+    volumes = rng.normal(size=shape).astype(np.float32)
+    pads = [(0, 0)] + [(0, -n % 2) for n in shape[1:4]] + [(0, 0)]
+    logits = np.asarray(model.apply(variables, np.pad(volumes, pads), train=False), np.float64)
+    logits = logits[:, :shape[1], :shape[2], :shape[3]]
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    reference = (e / e.sum(-1, keepdims=True)).argmax(-1), e / e.sum(-1, keepdims=True)
+    result = serve(image=tf.constant(volumes))
+    _assert_agrees("saved_model", result["classes"].numpy(), result["probabilities"].numpy(),
+                   reference, atol=1e-4)
+    classes, probabilities = stablehlo.call(volumes)
+    _assert_agrees("stablehlo", np.asarray(classes), np.asarray(probabilities), reference,
+                   atol=1e-4)

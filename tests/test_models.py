@@ -44,6 +44,17 @@ def test_depth_to_space_against_numpy_loop():
   np.testing.assert_array_equal(y, expected)
 
 
+@pytest.mark.parametrize("factors", [(4, 4), (1, 3, 2)])
+def test_upsample_bilinear_equals_jax_image_resize(factors):
+  """DeepLabv3+'s resizes (half-pixel centres, edges clamped), rewritten for ONNX export, give
+  jax.image.resize's bilinear result; volumes too."""
+  shape = (2, *[5, 3, 4][:len(factors)], 3)
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  out_shape = (2, *[n * f for n, f in zip(shape[1:-1], factors)], 3)
+  np.testing.assert_allclose(layers.upsample_bilinear(jnp.asarray(x), factors),
+                             jax.image.resize(x, out_shape, "bilinear"), rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("norm,upsample", [("batch", "transpose"), ("group", "resize"),
                                            ("none", "transpose")])
 def test_unet_shapes_and_skips(norm, upsample):

@@ -369,6 +369,15 @@ def num_eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.Datas
   return math.ceil(per_host / parallel.per_host_batch_size(config.batch_size))
 
 
+def stored_examples(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
+                    split: str) -> Iterator[dict[str, np.ndarray]]:
+  """The examples of `split` in stored order, decoded but neither resized nor normalised:
+  {'image': uint8/uint16 [H, W, C], 'mask': int32 [H, W], 'id'} as numpy (export's int8 Dice)."""
+  check_split(config, builder, split)
+  ds = builder.as_dataset(split=split, shuffle_files=False).map(_decoder(config))
+  return iter(tfds.as_numpy(ds))
+
+
 def eval_batches(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
                  split: str, *, with_ids: bool = False) -> Iterator[dict[str, np.ndarray]]:
   """Every example of this host's shard of `split` exactly once, last batch padded.

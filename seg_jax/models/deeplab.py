@@ -21,17 +21,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from seg_jax import registry
 from seg_jax.models import layers
 from seg_jax.models import resnet
-
-
-def _resize(x: jax.Array, height: int, width: int) -> jax.Array:
-  """Bilinear resize of [N, H, W, C] (half-pixel centres, no corner alignment)."""
-  return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), method="bilinear")
 
 
 class ASPP(nn.Module):
@@ -90,7 +84,6 @@ class DeepLabV3Plus(nn.Module):
     if x.shape[1] % divisor or x.shape[2] % divisor:
       raise ValueError(f"DeepLabv3+ at output stride {self.output_stride} needs H and W "
                        f"divisible by {divisor}, got {x.shape[1:3]}")
-    height, width = x.shape[1:3]
     features = resnet.ResNet(arch=self.backbone, width=self.width,
                              output_stride=self.output_stride, stem=self.stem, norm=self.norm,
                              norm_groups=self.norm_groups,
@@ -103,12 +96,17 @@ class DeepLabV3Plus(nn.Module):
     conv = lambda f, k, name: layers.ConvNormAct(features=f, kernel_size=k, norm=norm,
                                                  dtype=self.dtype, name=name)
     low = conv(self.low_level_features, 1, "low_level")(features[self.low_level], train=train)
-    y = _resize(y, *low.shape[1:3])
+    # Bilinear (half-pixel centres) by the maps' stride ratios, which H, W divisible by `divisor`
+    # make integers: layers.upsample_bilinear, so that ONNX export converts the resizes.
+    strides = resnet.feature_strides(self.output_stride, self.stem)
+    factor = strides["c5"] // strides[self.low_level]
+    y = layers.upsample_bilinear(y, (factor, factor))
     y = jnp.concatenate([y, low], axis=-1)
     y = conv(self.decoder_features, 3, "decoder1")(y, train=train)
     y = conv(self.decoder_features, 3, "decoder2")(y, train=train)
     logits = layers.Conv(self.num_logits, (1, 1), dtype=self.dtype, name="head")(y)
-    return _resize(logits.astype(jnp.float32), height, width)
+    factor = strides[self.low_level]
+    return layers.upsample_bilinear(logits.astype(jnp.float32), (factor, factor))
 
 
 LOW_LEVELS = ("c1", "c2")

@@ -128,6 +128,39 @@ def depth_to_space(x: jax.Array, block: int | tuple[int, ...] = 2) -> jax.Array:
   return x.reshape(n, *(s * f for s, f in zip(spatial, factors)), out_c)
 
 
+def upsample_bilinear(x: jax.Array, factors: tuple[int, ...]) -> jax.Array:
+  """Bilinear upsampling of [N, *spatial, C] by an integer factor per spatial axis, with
+  half-pixel centres and edge clamping: `jax.image.resize(..., method="bilinear")` to
+  factor x the size (torch's align_corners=False), to float rounding.
+
+  Computed as two-tap blends of shifted slices, interleaved by a reshape, rather than
+  jax.image.resize's products with [in, out] weight matrices: with dynamic sizes (export) those
+  become TFLite BATCH_MATMULs whose shapes UNSORTED_SEGMENT_PROD computes with segment id -1
+  for dropped dimensions, which tf2onnx 1.17 counts into the last segment (its ScatterND wraps
+  -1), so the ONNX reshapes fail. Slices, blends and a reshape convert exactly; they are also
+  O(output) where the weight matrices are O(input x output).
+  """
+  for axis, factor in enumerate(factors, start=1):
+    if factor == 1:
+      continue
+    first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
+    last = jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)
+    edged = jnp.concatenate([first, x, last], axis=axis)  # edged[j] = x[clamp(j - 1)]
+    size = x.shape[axis]
+    shifted = [jax.lax.slice_in_dim(edged, k, k + size, axis=axis) for k in range(3)]
+    phases = []
+    for phase in range(factor):
+      # Output f*q + phase samples the input at q + offset: between q - 1 and q, or q and q + 1.
+      offset = (phase + 0.5) / factor - 0.5
+      if offset < 0:
+        phases.append(shifted[0] * -offset + shifted[1] * (1 + offset))
+      else:
+        phases.append(shifted[1] * (1 - offset) + shifted[2] * offset)
+    stacked = jnp.stack(phases, axis=axis + 1)
+    x = stacked.reshape(*x.shape[:axis], size * factor, *x.shape[axis + 1:])
+  return x
+
+
 class LearnedUpsample2x(nn.Module):
   """Learned 2x upsampling: the function of a 2x2 stride-2 transposed convolution.
 
