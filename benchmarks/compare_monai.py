@@ -10,6 +10,13 @@ parameter counts differ and are printed); one input channel; Dice + cross-entrop
 The two run in separate worker processes stepped alternately, as in compare_torch.py, and it
 prints one JSON line with the median step times and `ratio` = MONAI's step time / seg_jax's
 (> 1: seg_jax is faster).
+
+Where MONAI's step spends its time (torch.profiler's operator table), beside seg_jax's
+(per kind of operation):
+
+  python benchmarks/compare_monai.py --worker=torch --profile_monai=3 --batch_size=2
+  python benchmarks/profile_step.py --config=configs/unet3d.py --group_by=kind \
+      --config.dataset.patch_size="(48, 48, 48)"
 """
 
 import json
@@ -34,6 +41,10 @@ from benchmarks import harness
 from seg_jax import config as config_lib
 
 _PATCH = flags.DEFINE_list("patch", ["48", "48", "48"], "Patch (D, H, W) voxels.")
+_PROFILE = flags.DEFINE_integer(
+    "profile_monai", 0, "With --worker=torch: profile this many MONAI steps (after 3 warm-up "
+    "steps) with torch.profiler and print its table of operators by self CPU time, instead of "
+    "serving steps. seg_jax's side: benchmarks/profile_step.py --group_by=kind.")
 
 
 def _patch() -> tuple[int, int, int]:
@@ -89,6 +100,17 @@ def monai_step(images, labels):
   return run, sum(p.numel() for p in model.parameters())
 
 
+def _profile(run, steps: int) -> None:
+  import torch
+  for _ in range(3):
+    run()
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    for _ in range(steps):
+      run()
+  print(f"MONAI UNet train step, {steps} steps (times are totals over them):")
+  print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def main(_):
   ct = compare_torch
   if ct._WORKER.value == "seg_jax":
@@ -97,6 +119,8 @@ def main(_):
   if ct._WORKER.value == "torch":
     import monai
     run, params = monai_step(*_inputs())
+    if _PROFILE.value:
+      return _profile(run, _PROFILE.value)
     return harness.serve(run, {"params": params, "monai": monai.__version__})
   (jax_worker, jax_info), (monai_worker, monai_info) = (
       harness.start_worker(__file__, name) for name in ("seg_jax", "torch"))
