@@ -107,12 +107,12 @@ def test_onednn_matches_numpy_and_xla(geometry, needs_onednn):
 
 # (batch, depth, height, width, in, out, kernel, strides, padding) of the 3D U-Net's
 # convolutions: 3x3x3 'SAME', stride 2 on even sizes (XLA pads (0, 1)), an anisotropic stride
-# (1, 2, 2), the 1x1x1 strided shortcut and the 1x1x1 upsampling/head; odd batches split into
+# (1, 2, 2) with uneven padding, the 1x1x1 strided shortcut and the 1x1x1 upsampling/head; odd batches split into
 # uneven chunks over the thread pool.
 VOLUME_GEOMETRIES = [
     (3, 5, 6, 7, 3, 4, 3, (1, 1, 1), "SAME"),
     (2, 6, 8, 8, 4, 5, 3, (2, 2, 2), "SAME"),
-    (1, 4, 8, 6, 2, 3, 3, (1, 2, 2), ((1, 1), (0, 1), (1, 0))),
+    (1, 4, 8, 6, 2, 3, 3, (1, 2, 2), ((0, 1), (1, 1), (2, 0))),
     (2, 6, 6, 4, 4, 3, 1, (2, 2, 2), "SAME"),
     (3, 3, 4, 5, 6, 16, 1, (1, 1, 1), "VALID"),
 ]

@@ -6,15 +6,13 @@ innermost `backend(...)` context, which the train, eval and predict steps enter 
 `config.conv_backend`; outside any context it is XLA's.
 
 - 'xla': `lax.conv_general_dilated`, on every platform and mesh.
-- 'onednn': float32 NHWC/HWIO 2-D convolutions, forward and both gradients, through oneDNN
-  (`seg_jax/ops/onednn.py`). XLA:CPU's kernels are 1.2-2.5x slower on this project's shapes,
-  worst for the weight gradient. Only on a single CPU device: XLA's partitioner cannot split
-  a custom call over a mesh, so on several devices it would gather every activation first.
-  Other convolutions (bf16, grouped, dilated) still go to XLA. A 3-D (NDHWC/DHWIO)
-  convolution is computed as one 2-D convolution over the depth-shifted copies of its input
-  stacked on the channels (`_depth_unrolled`: kd x the input's memory, the same flops):
-  XLA:CPU's 3-D kernels are 7x slower than that (forward and gradients of a 16-channel 3x3x3
-  conv on [2, 32, 48, 48]: 5.6 s vs 0.77 s for the gradient on a loaded 2-core CPU).
+- 'onednn': float32 NHWC/HWIO 2-D and NDHWC/DHWIO 3-D convolutions, forward and both
+  gradients, through oneDNN (`seg_jax/ops/onednn.py`). XLA:CPU's kernels are 1.2-2.5x slower
+  on this project's 2-D shapes, worst for the weight gradient, and its 3-D kernels 7x slower
+  than even a 2-D oneDNN convolution over depth-stacked copies of the input (what 3-D
+  convolutions ran as before oneDNN's native 3-D ones were used). Only on a single CPU device:
+  XLA's partitioner cannot split a custom call over a mesh, so on several devices it would
+  gather every activation first. Other convolutions (bf16, grouped, dilated) still go to XLA.
 - 'auto': 'onednn' where it can run, else 'xla'.
 """
 
