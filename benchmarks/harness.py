@@ -71,10 +71,10 @@ def synthetic_step(config, which: str = "train") -> SyntheticStep:
   """The jitted train or eval step the Trainer runs, compiled for one batch of
   `benchmarks/synthetic_data.batch`, with the state and that (global) batch."""
   mesh, model, tx, schedule = build(config)
-  state = train.create_train_state(config, model, tx, mesh)
+  host_batch = synthetic_data.batch(config)
+  state = train.create_train_state(config, model, tx, mesh, channels=host_batch["image"].shape[-1])
   if config.model.init_from:  # as the Trainer starts a run
     state, _ = train.initialized_from(state, config.model.init_from)
-  host_batch = synthetic_data.batch(config)
   if which == "eval":
     host_batch["valid"] = np.ones((config.batch_size,), bool)
   batch = parallel.host_batch_to_global(host_batch, mesh)

@@ -41,6 +41,9 @@ from benchmarks import harness
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mask_rcnn.py", "Experiment config.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Traced steps after one warm-up step.")
 _STEP = flags.DEFINE_enum("step", "train", ["train", "eval"], "Which jitted step to profile.")
+_GROUP = flags.DEFINE_enum("group_by", "part", ["part", "kind"],
+                           "Sum times per model part (flax module), or per kind of operation "
+                           "(convolutions by direction, norm, loss, optimizer, ...).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/seg_jax_profile", "Where the trace goes.")
 
 # Module paths split one level deeper: a detector's `backbone` holds the ResNet and the FPN.
@@ -48,6 +51,7 @@ _SPLIT_DEEPER = ("backbone",)
 # Scopes that control flow adds (lax.cond/switch, while loops), not parts of the model.
 _CONTROL_FLOW = ("cond", "switch", "while", "body", "cond_fun", "body_fun")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+_CUSTOM_CALL = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*custom_call_target=\"([^\"]*)\"")
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -58,6 +62,30 @@ def op_names(hlo_text: str) -> dict[str, str]:
     if match:
       names[match.group(1)] = match.group(2)
   return names
+
+
+def custom_call_targets(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> custom call target, for the module's custom calls."""
+  return {m.group(1): m.group(2) for m in map(_CUSTOM_CALL.match, hlo_text.splitlines()) if m}
+
+
+def kind_of(op_name: str, target: str | None) -> str:
+  """What an operation computes, across the model's parts: a oneDNN convolution by direction,
+  XLA's convolutions, normalisation, depth-to-space, or the rest by the primitive that made it."""
+  gradient = "transpose(" in op_name
+  if target and target.startswith("seg_jax_onednn_conv_"):
+    return "oneDNN conv " + target.removeprefix("seg_jax_onednn_conv_").replace("_", "-")
+  direction = "gradient" if gradient else "forward"
+  if "conv_general_dilated" in op_name:
+    return f"XLA conv {direction}"
+  if "Norm_" in op_name:
+    return f"norm {direction}"
+  if "upsample" in op_name:
+    return f"upsample (depth-to-space) {direction}"
+  if "loss" in op_name.lower():
+    return f"loss {direction}"
+  primitive = op_name.rsplit("/", 1)[-1]
+  return f"other: {primitive} {direction}"
 
 
 def part_of(op_name: str, root: str) -> tuple[str, bool]:
@@ -128,6 +156,7 @@ def main(_):
   with open(os.path.join(_TRACE_DIR.value, "step.hlo.txt"), "w") as f:
     f.write(hlo_text)  # to look operations up by name
   names = op_names(hlo_text)
+  targets = custom_call_targets(hlo_text)
   root = type(harness.build(config).model).__name__
   totals = collections.defaultdict(float)
   unknown = 0.0
@@ -135,11 +164,17 @@ def main(_):
     if hlo_op not in names:
       unknown += micros
       continue
-    part, gradient = part_of(names[hlo_op], root)
-    totals[(part, "gradient" if gradient else "forward")] += micros
+    if _GROUP.value == "kind":
+      part, _ = part_of(names[hlo_op], root)
+      kind = ("optimizer and step" if part == "optimizer and step" and "loss" not in
+              names[hlo_op].lower() else kind_of(names[hlo_op], targets.get(hlo_op)))
+      totals[kind] += micros
+    else:
+      part, gradient = part_of(names[hlo_op], root)
+      totals[f"{part} {'gradient' if gradient else 'forward'}"] += micros
   steps = _STEPS.value
-  per_step = {f"{part} {kind}": round(us / steps / 1e3, 1)
-              for (part, kind), us in sorted(totals.items(), key=lambda kv: -kv[1])}
+  per_step = {name: round(us / steps / 1e3, 1)
+              for name, us in sorted(totals.items(), key=lambda kv: -kv[1])}
   total_ms = sum(totals.values()) / steps / 1e3
   wall_ms = 1e3 * sum(walls) / steps
   width = max(len(k) for k in per_step)
@@ -150,7 +185,8 @@ def main(_):
         f"{'wall time of the step':<{width}}  {wall_ms:>9.1f}", file=sys.stderr)
   print(json.dumps({
       "benchmark": f"profile_{_STEP.value}_step", "model": config.model.name,
-      "batch_size": config.batch_size, "image_size": config.dataset.image_size,
+      "batch_size": config.batch_size, "input": list(step.batch["image"].shape[1:]),
+      "group_by": _GROUP.value,
       "wall_ms": round(wall_ms, 1), "op_thread_ms": round(total_ms, 1),
       "unattributed_ms": round(unknown / steps / 1e3, 1), "parts_ms": per_step,
       "trace": trace_file, "device": jax.devices()[0].device_kind, "jax": jax.__version__}))

@@ -24,8 +24,13 @@ def batch(config) -> dict:
   """One host batch of the data contract: random pixels and labels for semantic models; for
   detectors, scenes of the shapes generator with their padded instances (a detector's cost
   depends on how many objects it matches), normalised as `model.input_normalization` says."""
-  size, b = config.dataset.image_size, config.batch_size
+  b = config.batch_size
   rng = np.random.default_rng(0)
+  if config_lib.task(config) == "volumetric":  # one-channel patches, as CT
+    patch = tuple(config.dataset.patch_size)
+    return {"image": rng.standard_normal((b, *patch, 1), dtype=np.float32),
+            "mask": rng.integers(0, config.dataset.num_classes, (b, *patch)).astype(np.int32)}
+  size = config.dataset.image_size
   if config_lib.task(config) == "semantic":
     return {"image": rng.standard_normal((b, size, size, 3), dtype=np.float32),
             "mask": rng.integers(0, config.dataset.num_classes, (b, size, size)).astype(np.int32)}

@@ -1,5 +1,6 @@
 """seg_jax/ops: oneDNN convolutions compute what XLA's do, forward and both gradients."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from seg_jax.ops import conv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NHWC = ("NHWC", "HWIO", "NHWC")
+NDHWC = ("NDHWC", "DHWIO", "NDHWC")
 
 # (batch, height, width, in, out, kernel, strides, padding, dilation): odd batches split into
 # uneven chunks over the thread pool; strided, asymmetric and 1x1 cases; a dilated one, which
@@ -39,23 +41,25 @@ def needs_onednn():
 
 
 def _numpy_conv(x, w, strides, padding, dilation):
-  """Direct convolution and its kernel gradient for cotangent `dy`, by explicit loops over taps."""
-  (pt, pb), (pl, pr) = padding
-  xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  kh, kw = w.shape[:2]
-  oh = (xp.shape[1] - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-  ow = (xp.shape[2] - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+  """Direct convolution (any number of spatial axes, channels last) and its kernel gradient for
+  cotangent `dy`, by explicit loops over the kernel's taps."""
+  rank = x.ndim - 2
+  xp = np.pad(x.astype(np.float64), ((0, 0), *padding, (0, 0)))
+  out = [(xp.shape[1 + a] - (w.shape[a] - 1) * dilation[a] - 1) // strides[a] + 1
+         for a in range(rank)]
+  taps = list(itertools.product(*(range(k) for k in w.shape[:rank])))
 
-  def window(i, j):  # [N, OH, OW, Cin] input pixels under tap (i, j)
-    r0, c0 = i * dilation[0], j * dilation[1]
-    return xp[:, r0:r0 + strides[0] * (oh - 1) + 1:strides[0],
-              c0:c0 + strides[1] * (ow - 1) + 1:strides[1]]
+  def window(tap):  # [N, *out, Cin]: the input under kernel tap `tap`
+    return xp[(slice(None), *(slice(t * dilation[a], t * dilation[a] + strides[a] * (out[a] - 1) + 1,
+                                    strides[a]) for a, t in enumerate(tap)))]
 
-  y = sum(np.einsum("nhwc,cd->nhwd", window(i, j), w[i, j]) for i in range(kh) for j in range(kw))
+  y = sum(np.einsum("n...c,cd->n...d", window(t), w[t]) for t in taps)
 
   def kernel_grad(dy):
-    return np.stack([np.stack([np.einsum("nhwc,nhwd->cd", window(i, j), dy) for j in range(kw)])
-                     for i in range(kh)])
+    grad = np.zeros(w.shape)
+    for t in taps:
+      grad[t] = window(t).reshape(-1, w.shape[-2]).T @ dy.reshape(-1, w.shape[-1])
+    return grad
 
   return y, kernel_grad
 
@@ -63,25 +67,24 @@ def _numpy_conv(x, w, strides, padding, dilation):
 def _pads(x_shape, w_shape, strides, padding, dilation):
   if not isinstance(padding, str):
     return padding
-  dilated = [(k - 1) * d + 1 for k, d in zip(w_shape[:2], dilation)]
-  return lax.padtype_to_pads(x_shape[1:3], dilated, strides, padding)
+  rank = len(x_shape) - 2
+  dilated = [(k - 1) * d + 1 for k, d in zip(w_shape[:rank], dilation)]
+  return lax.padtype_to_pads(x_shape[1:-1], dilated, strides, padding)
 
 
 def _conv_and_grads(backend, x, w, strides, padding, dilation, dy):
   def f(x, w):
     with conv.backend(backend):
       return conv.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
-                                       dimension_numbers=NHWC)
+                                       dimension_numbers=NHWC if x.ndim == 4 else NDHWC)
   y, vjp = jax.vjp(f, x, w)
   return (y, *vjp(dy))
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[5]}x{g[5]}/s{g[6][0]}/d{g[8][0]}/n{g[0]}")
-def test_onednn_matches_numpy_and_xla(geometry, needs_onednn):
-  n, h, w_, cin, cout, k, strides, padding, dilation = geometry
-  rng = np.random.default_rng(n * 100 + k)
-  x = rng.standard_normal((n, h, w_, cin)).astype(np.float32)
-  w = rng.standard_normal((k, k, cin, cout)).astype(np.float32)
+def _check_against_numpy_and_xla(x_shape, w_shape, strides, padding, dilation, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  w = rng.standard_normal(w_shape).astype(np.float32)
   expected_y, kernel_grad = _numpy_conv(x, w, strides, _pads(x.shape, w.shape, strides, padding,
                                                                 dilation), dilation)
   dy = rng.standard_normal(expected_y.shape).astype(np.float32)
@@ -95,10 +98,40 @@ def test_onednn_matches_numpy_and_xla(geometry, needs_onednn):
   np.testing.assert_allclose(dx, dx_xla, atol=1e-5 * scale(dx_xla))
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[5]}x{g[5]}/s{g[6][0]}/d{g[8][0]}/n{g[0]}")
+def test_onednn_matches_numpy_and_xla(geometry, needs_onednn):
+  n, h, w_, cin, cout, k, strides, padding, dilation = geometry
+  _check_against_numpy_and_xla((n, h, w_, cin), (k, k, cin, cout), strides, padding, dilation,
+                               seed=n * 100 + k)
+
+
+# (batch, depth, height, width, in, out, kernel, strides, padding) of the 3D U-Net's
+# convolutions: 3x3x3 'SAME', stride 2 on even sizes (XLA pads (0, 1)), an anisotropic stride
+# (1, 2, 2) with uneven padding, the 1x1x1 strided shortcut and the 1x1x1 upsampling/head; odd batches split into
+# uneven chunks over the thread pool.
+VOLUME_GEOMETRIES = [
+    (3, 5, 6, 7, 3, 4, 3, (1, 1, 1), "SAME"),
+    (2, 6, 8, 8, 4, 5, 3, (2, 2, 2), "SAME"),
+    (1, 4, 8, 6, 2, 3, 3, (1, 2, 2), ((0, 1), (1, 1), (2, 0))),
+    (2, 6, 6, 4, 4, 3, 1, (2, 2, 2), "SAME"),
+    (3, 3, 4, 5, 6, 16, 1, (1, 1, 1), "VALID"),
+]
+
+
+@pytest.mark.parametrize("geometry", VOLUME_GEOMETRIES,
+                         ids=lambda g: f"{g[6]}x{g[6]}x{g[6]}/s{''.join(map(str, g[7]))}/n{g[0]}")
+def test_onednn_3d_matches_numpy_and_xla(geometry, needs_onednn):
+  """Native oneDNN NDHWC x DHWIO convolutions, forward and both gradients."""
+  n, d, h, w_, cin, cout, k, strides, padding = geometry
+  _check_against_numpy_and_xla((n, d, h, w_, cin), (k, k, k, cin, cout), strides, padding,
+                               (1, 1, 1), seed=n * 10 + k)
+
+
 def _lowered_text(backend, x, w, **kwargs):
   def f(x, w):
     with conv.backend(backend):
-      return conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC, **kwargs)
+      return conv.conv_general_dilated(x, w, (1,) * (x.ndim - 2), "SAME",
+                                       dimension_numbers=NHWC if x.ndim == 4 else NDHWC, **kwargs)
   return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1))).lower(
       x, w).as_text()
 
@@ -115,6 +148,14 @@ def test_only_supported_convolutions_leave_xla(needs_onednn):
   assert "seg_jax_onednn" not in _lowered_text("onednn", x, jnp.ones((3, 3, 2, 4)),
                                                feature_group_count=2)
   assert "seg_jax_onednn" not in _lowered_text("onednn", x, w, rhs_dilation=(2, 2))
+  # A volume's convolution is one native 3-D oneDNN call each way, no depth-shifted copies.
+  volume, kernel = jnp.ones((2, 4, 8, 8, 4)), jnp.ones((3, 3, 3, 4, 4))
+  text = _lowered_text("onednn", volume, kernel)
+  for target in ("forward", "backward_data", "backward_weights"):
+    assert text.count(f"seg_jax_onednn_conv_{target}") == 1
+  assert "concatenate" not in text
+  assert "seg_jax_onednn" not in _lowered_text("onednn", volume.astype(jnp.bfloat16),
+                                               kernel.astype(jnp.bfloat16))
   # Outside any backend context a model traces XLA's convolution.
   text = jax.jit(lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME",
                                                         dimension_numbers=NHWC)).lower(x, w).as_text()

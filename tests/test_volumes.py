@@ -264,30 +264,3 @@ def test_augmentation_moves_image_and_mask_together():
   for seed in range(8):
     aug_image, aug_mask = volumes.augment(image, mask, np.random.default_rng(seed), config.dataset)
     np.testing.assert_array_equal(aug_image[..., 0].astype(np.int64) % 251, aug_mask)
-
-
-@pytest.mark.parametrize("strides,padding", [((1, 1, 1), "SAME"), ((2, 2, 1), "SAME"),
-                                             ((2, 1, 2), ((0, 1), (1, 1), (2, 0)))])
-def test_3d_convolution_through_onednn_equals_xla(strides, padding):
-  """The oneDNN backend computes a 3-D convolution as a 2-D one over depth-stacked slices: the
-  values and both gradients equal XLA's own 3-D convolution."""
-  from jax import lax
-  from seg_jax.ops import conv as conv_ops
-  if conv_ops.resolve("auto") != "onednn":
-    pytest.skip("oneDNN unavailable")
-  rng = np.random.default_rng(6)
-  x = jnp.asarray(rng.normal(size=(2, 5, 6, 7, 3)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(3, 3, 3, 3, 4)), jnp.float32)
-  dims = ("NDHWC", "DHWIO", "NDHWC")
-
-  def loss(fn):
-    return lambda x, k: jnp.sum(jnp.sin(fn(x, k, strides, padding, dimension_numbers=dims)))
-
-  def onednn_conv(*args, **kwargs):
-    with conv_ops.backend("onednn"):
-      return conv_ops.conv_general_dilated(*args, **kwargs)
-
-  want = jax.jit(jax.value_and_grad(loss(lax.conv_general_dilated), argnums=(0, 1)))(x, k)
-  got = jax.jit(jax.value_and_grad(loss(onednn_conv), argnums=(0, 1)))(x, k)
-  for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -147,9 +147,13 @@ def version() -> str:
 # ---------------------------------------------------------------------------- device side
 
 def _attrs(strides, dilation, padding) -> dict:
-  (pad_top, pad_bottom), (pad_left, pad_right) = padding
-  values = dict(stride_h=strides[0], stride_w=strides[1], dilation_h=dilation[0],
-                dilation_w=dilation[1], pad_top=pad_top, pad_bottom=pad_bottom,
+  """The handlers' attributes; a 2-D convolution has depth stride and dilation 1, no padding."""
+  if len(strides) == 2:
+    strides, dilation, padding = (1, *strides), (1, *dilation), ((0, 0), *padding)
+  (pad_front, pad_back), (pad_top, pad_bottom), (pad_left, pad_right) = padding
+  values = dict(stride_d=strides[0], stride_h=strides[1], stride_w=strides[2],
+                dilation_d=dilation[0], dilation_h=dilation[1], dilation_w=dilation[2],
+                pad_front=pad_front, pad_back=pad_back, pad_top=pad_top, pad_bottom=pad_bottom,
                 pad_left=pad_left, pad_right=pad_right)
   return {k: np.int64(v) for k, v in values.items()}
 
@@ -161,7 +165,8 @@ def _call(target: str, shape, *operands, strides, dilation, padding) -> jax.Arra
 
 
 def conv_forward(x, kernel, out_shape, **geometry) -> jax.Array:
-  """NHWC `x` * HWIO `kernel` -> NHWC of `out_shape`; geometry: strides, dilation, padding."""
+  """NHWC `x` * HWIO `kernel` -> NHWC of `out_shape` (or NDHWC * DHWIO -> NDHWC); geometry:
+  strides, dilation, padding, one entry per spatial axis."""
   return _call("seg_jax_onednn_conv_forward", out_shape, x, kernel, **geometry)
 
 

@@ -1,11 +1,13 @@
-// 2-D float32 convolutions for XLA:CPU through oneDNN, as XLA FFI custom calls.
+// 2-D and 3-D float32 convolutions for XLA:CPU through oneDNN, as XLA FFI custom calls.
 //
 // XLA:CPU's own convolution kernels are 1.2-2.5x slower than oneDNN's on the shapes of
-// segmentation models (high resolution, few channels), worst for the weight gradient. seg_jax/ops/onednn.py builds this file and registers the three handlers;
-// seg_jax/ops/conv.py uses them as forward and backward of one convolution.
+// segmentation models (high resolution, few channels), worst for the weight gradient, and
+// its 3-D kernels far slower still. seg_jax/ops/onednn.py builds this file and registers the
+// three handlers; seg_jax/ops/conv.py uses them as forward and backward of one convolution.
 //
-// Layouts are XLA's row-major NHWC activations and HWIO kernels. Each handler gets the
-// geometry as attributes: strides, kernel dilations (1 = none), paddings.
+// Layouts are XLA's row-major NHWC / NDHWC activations and HWIO / DHWIO kernels; the rank
+// of the input buffer says which. Each handler gets the geometry as attributes: strides,
+// kernel dilations (1 = none), paddings; the depth ones are 1, 1, 0, 0 for 2-D convolutions.
 //
 // Threads: each call splits its batch into one chunk per thread of XLA's intra-op pool and
 // runs every chunk single-threaded on that pool (and on the calling thread). oneDNN's own
@@ -32,15 +34,19 @@ namespace seg_jax {
 
 // Attribute names match seg_jax/ops/onednn.py.
 struct ConvAttrs {
-  int64_t stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_bottom, pad_left, pad_right;
+  int64_t stride_d, stride_h, stride_w, dilation_d, dilation_h, dilation_w, pad_front, pad_back,
+      pad_top, pad_bottom, pad_left, pad_right;
 };
 
 }  // namespace seg_jax
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
-    seg_jax::ConvAttrs, xla::ffi::StructMember<int64_t>("stride_h"),
-    xla::ffi::StructMember<int64_t>("stride_w"), xla::ffi::StructMember<int64_t>("dilation_h"),
-    xla::ffi::StructMember<int64_t>("dilation_w"), xla::ffi::StructMember<int64_t>("pad_top"),
+    seg_jax::ConvAttrs, xla::ffi::StructMember<int64_t>("stride_d"),
+    xla::ffi::StructMember<int64_t>("stride_h"),
+    xla::ffi::StructMember<int64_t>("stride_w"), xla::ffi::StructMember<int64_t>("dilation_d"),
+    xla::ffi::StructMember<int64_t>("dilation_h"),
+    xla::ffi::StructMember<int64_t>("dilation_w"), xla::ffi::StructMember<int64_t>("pad_front"),
+    xla::ffi::StructMember<int64_t>("pad_back"), xla::ffi::StructMember<int64_t>("pad_top"),
     xla::ffi::StructMember<int64_t>("pad_bottom"), xla::ffi::StructMember<int64_t>("pad_left"),
     xla::ffi::StructMember<int64_t>("pad_right"));
 
@@ -67,29 +73,52 @@ void SingleThreaded() {
 }
 
 struct Geometry {
-  int64_t n, h, w, ci, oh, ow, co, kh, kw;
-  int64_t stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_bottom, pad_left, pad_right;
+  bool volumetric;  // NDHWC / DHWIO; else NHWC / HWIO, with d = od = kd = 1
+  int64_t n, d, h, w, ci, od, oh, ow, co, kd, kh, kw;
+  int64_t stride_d, stride_h, stride_w, dilation_d, dilation_h, dilation_w;
+  int64_t pad_front, pad_back, pad_top, pad_bottom, pad_left, pad_right;
 
   auto Key() const {
-    return std::make_tuple(n, h, w, ci, oh, ow, co, kh, kw, stride_h, stride_w, dilation_h,
-                           dilation_w, pad_top, pad_bottom, pad_left, pad_right);
+    return std::make_tuple(volumetric, n, d, h, w, ci, od, oh, ow, co, kd, kh, kw, stride_d,
+                           stride_h, stride_w, dilation_d, dilation_h, dilation_w, pad_front,
+                           pad_back, pad_top, pad_bottom, pad_left, pad_right);
   }
   Geometry WithBatch(int64_t batch) const {
     Geometry g = *this;
     g.n = batch;
     return g;
   }
-  int64_t SrcImage() const { return h * w * ci; }   // floats per image
-  int64_t DstImage() const { return oh * ow * co; }
-  memory::desc Src() const { return {{n, ci, h, w}, memory::data_type::f32, Tag::nhwc}; }
-  memory::desc Dst() const { return {{n, co, oh, ow}, memory::data_type::f32, Tag::nhwc}; }
-  memory::desc WeightsHwio() const { return {{co, ci, kh, kw}, memory::data_type::f32, Tag::hwio}; }
+  int64_t SrcImage() const { return d * h * w * ci; }   // floats per image
+  int64_t DstImage() const { return od * oh * ow * co; }
+  // oneDNN orders dims N, C, spatial whatever the memory layout.
+  memory::dims Dims(int64_t batch, int64_t channels, int64_t depth, int64_t height,
+                    int64_t width) const {
+    if (volumetric) return {batch, channels, depth, height, width};
+    return {batch, channels, height, width};
+  }
+  memory::desc Activations(int64_t channels, int64_t depth, int64_t height, int64_t width) const {
+    return {Dims(n, channels, depth, height, width), memory::data_type::f32,
+            volumetric ? Tag::ndhwc : Tag::nhwc};
+  }
+  memory::desc Src() const { return Activations(ci, d, h, w); }
+  memory::desc Dst() const { return Activations(co, od, oh, ow); }
+  memory::desc WeightsHwio() const {
+    return {Dims(co, ci, kd, kh, kw), memory::data_type::f32, volumetric ? Tag::dhwio : Tag::hwio};
+  }
   // oneDNN picks its own (blocked) weight layout; weights are small, so reordering is cheap.
-  memory::desc WeightsAny() const { return {{co, ci, kh, kw}, memory::data_type::f32, Tag::any}; }
-  memory::dims Strides() const { return {stride_h, stride_w}; }
-  memory::dims Dilations() const { return {dilation_h - 1, dilation_w - 1}; }  // oneDNN: 0 = none
-  memory::dims PadBegin() const { return {pad_top, pad_left}; }
-  memory::dims PadEnd() const { return {pad_bottom, pad_right}; }
+  memory::desc WeightsAny() const {
+    return {Dims(co, ci, kd, kh, kw), memory::data_type::f32, Tag::any};
+  }
+  memory::dims Spatial(int64_t depth, int64_t height, int64_t width) const {
+    if (volumetric) return {depth, height, width};
+    return {height, width};
+  }
+  memory::dims Strides() const { return Spatial(stride_d, stride_h, stride_w); }
+  memory::dims Dilations() const {  // oneDNN: 0 = none
+    return Spatial(dilation_d - 1, dilation_h - 1, dilation_w - 1);
+  }
+  memory::dims PadBegin() const { return Spatial(pad_front, pad_top, pad_left); }
+  memory::dims PadEnd() const { return Spatial(pad_back, pad_bottom, pad_right); }
 
   static dnnl::primitive_attr Attr() {  // scratch memory per call: chunks run concurrently
     dnnl::primitive_attr attr;
@@ -104,10 +133,17 @@ struct Geometry {
 
 using Key = decltype(std::declval<Geometry>().Key());
 
+// x [N, (D,) H, W, Ci], kernel [(KD,) KH, KW, Ci, Co], y [N, (OD,) OH, OW, Co].
 Geometry MakeGeometry(Dims x, Dims kernel, Dims y, const ConvAttrs& a) {
-  return {x[0], x[1], x[2], x[3], y[1], y[2], y[3], kernel[0], kernel[1],
-          a.stride_h, a.stride_w, a.dilation_h, a.dilation_w,
-          a.pad_top, a.pad_bottom, a.pad_left, a.pad_right};
+  if (x.size() == 5) {
+    return {true, x[0], x[1], x[2], x[3], x[4], y[1], y[2], y[3], y[4], kernel[0], kernel[1],
+            kernel[2], a.stride_d, a.stride_h, a.stride_w, a.dilation_d, a.dilation_h,
+            a.dilation_w, a.pad_front, a.pad_back, a.pad_top, a.pad_bottom, a.pad_left,
+            a.pad_right};
+  }
+  return {false, x[0], 1, x[1], x[2], x[3], 1, y[1], y[2], y[3], 1, kernel[0], kernel[1],
+          1, a.stride_h, a.stride_w, 1, a.dilation_h, a.dilation_w, 0, 0, a.pad_top,
+          a.pad_bottom, a.pad_left, a.pad_right};
 }
 
 // A primitive, the weight layout it wants and its scratch size, built once per geometry.
@@ -287,7 +323,7 @@ ffi::Error BackwardWeights(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> x,
                                                        pd.diff_weights_desc(), pd.scratchpad_desc()};
     });
     // Each chunk's partial gradient, in HWIO; their sum is the kernel gradient.
-    const int64_t size = g.kh * g.kw * g.ci * g.co;
+    const int64_t size = g.kd * g.kh * g.kw * g.ci * g.co;
     std::vector<std::vector<float>> partial(chunks.size() - 1, std::vector<float>(size));
     ParallelFor(pool, chunks.size(), [&](int64_t i) {
       auto [begin, end] = chunks[i];
