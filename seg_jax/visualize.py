@@ -290,8 +290,10 @@ def volume_panels(image: np.ndarray, truth: np.ndarray | None, prediction: np.nd
   """One row per view (axial, coronal, sagittal mid-slice) of a volume: image | truth overlay |
   prediction overlay (no truth: image | prediction overlay).
 
-  image: uint8 [D, H, W, C]; truth, prediction: int [D, H, W]. Views are padded (white) to a
-  common size; returns uint8 [rows, cols, 3] with a legend given `class_names`.
+  image: uint8 [D, H, W, C]; truth, prediction: int [D, H, W]. Each row is as tall as its own
+  view (the views' aspect ratios differ: a thick-slice coronal view is taller than the axial
+  one), and narrower rows are padded (white) on the right; returns uint8 [rows, cols, 3] with a
+  legend given `class_names`.
   """
   views = zip(mid_slices(image, spacing), mid_slices(prediction, spacing),
               mid_slices(truth, spacing) if truth is not None else [None] * 3)
@@ -301,12 +303,11 @@ def volume_panels(image: np.ndarray, truth: np.ndarray | None, prediction: np.nd
     cells = [rgb] + ([] if truth_view is None else
                      [overlay(rgb, truth_view, num_classes, ignore_label=ignore_label)])
     cells.append(overlay(rgb, pred_view, num_classes, ignore_label=ignore_label))
-    rows.append([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells])
-  height = max(cell.shape[0] for row in rows for cell in row)
-  width = max(cell.shape[1] for row in rows for cell in row)
-  grid = np.concatenate([
-      np.concatenate([np.pad(c, ((0, height - c.shape[0]), (0, width - c.shape[1]), (0, 0)),
-                             constant_values=255) for c in row], axis=1) for row in rows], axis=0)
+    rows.append(np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255)
+                                for c in cells], axis=1))
+  width = max(row.shape[1] for row in rows)
+  grid = np.concatenate([np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)),
+                                constant_values=255) for row in rows], axis=0)
   if class_names is None:
     return grid
   shown = classes_present([prediction] + ([] if truth is None else [truth]), num_classes,

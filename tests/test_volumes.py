@@ -13,6 +13,7 @@ from seg_jax import losses
 from seg_jax import models
 from seg_jax import surface_metrics
 from seg_jax import tiling
+from seg_jax import visualize
 from seg_jax.data import volumes
 from seg_jax.models import layers
 from seg_jax.models import unet3d
@@ -264,3 +265,17 @@ def test_augmentation_moves_image_and_mask_together():
   for seed in range(8):
     aug_image, aug_mask = volumes.augment(image, mask, np.random.default_rng(seed), config.dataset)
     np.testing.assert_array_equal(aug_image[..., 0].astype(np.int64) % 251, aug_mask)
+
+
+def test_volume_panels_give_each_view_its_own_height():
+  # (D, H, W) = (8, 12, 16) at 3 x 1 x 1 mm: axial 12 x 16, coronal and sagittal 24 (8 slices
+  # drawn 3 rows each) x 16 and x 12; every cell has a 1-pixel white frame.
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 255, (8, 12, 16, 1), dtype=np.uint8)
+  truth = rng.integers(0, 3, (8, 12, 16))
+  grid = visualize.volume_panels(image, truth, truth, 3, spacing=(3.0, 1.0, 1.0))
+  assert grid.shape == (14 + 26 + 26, 3 * 18, 3)
+  np.testing.assert_array_equal(grid[1:13, 1:17, 0], image[4, :, :, 0])  # axial, no gap below
+  np.testing.assert_array_equal(grid[15:39, 1:17, 0], image[:, 6, :, 0].repeat(3, axis=0))
+  np.testing.assert_array_equal(grid[41:65, 1:13, 0], image[:, :, 8, 0].repeat(3, axis=0))
+  assert (grid[40:, 3 * 14:] == 255).all()  # the narrower sagittal row padded on the right
