@@ -3,15 +3,17 @@
   pip install -r requirements-bench.txt
   python benchmarks/compare_monai.py [--batch_size=2 --patch=48,48,48 --num_classes=3 --steps=10]
 
-Network (both): channels 16, 32, 64, 128, three stride-2 downsamplings by strided 3x3x3
-convs, residual units of two 3x3x3 conv + instance norm (MONAI `num_res_units=2`); one input
-channel; Dice + cross-entropy; Adam 1e-3. They are not the same network: MONAI's first unit is
-already strided, so its top level works at half the patch, and its decoder has one conv per
-unit after a 3x3x3 transposed conv; seg_jax's (nnU-Net's layout) has a full-resolution level
-of two 16-channel convs each way and a 2x2x2 transposed conv. seg_jax's network is 8x MONAI's
-FLOPs at 48^3 (printed as `model_gflop`: forward and parameter gradient, XLA's count and
-torch's FlopCounterMode); `--monai_channels=16,32,64,128,128 --monai_strides=1,2,2,2` gives
-MONAI seg_jax's resolution levels (0.8x its FLOPs). MONAI's units use PReLU, seg_jax's ReLU.
+Networks: MONAI's `UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)`,
+instance norm, one input channel, Dice + cross-entropy, Adam 1e-3; seg_jax's
+`configs/unet3d.py:monai`, the same levels (16, 32, 64, 128 channels at 1/2, 1/4, 1/8, 1/8 of
+the patch; residual units of two 3x3x3 conv + instance norm). They differ in detail: MONAI's
+up-layers are 3x3x3 transposed convs followed by a one-conv residual unit, seg_jax's 2x2x2
+learned upsamplings followed by a two-conv unit; MONAI's strided shortcuts are 3x3x3 convs,
+seg_jax's 1x1x1; MONAI's activation is PReLU, seg_jax's ReLU. `model_gflop` prints each
+network's forward and parameter-gradient FLOPs (XLA's count and torch's FlopCounterMode).
+`--seg_jax_preset=default` times `configs/unet3d.py` itself instead (nnU-Net's layout, a
+full-resolution level first: ~8x the FLOPs); `--monai_channels=16,32,64,128,128
+--monai_strides=1,2,2,2` gives MONAI that network's resolution levels.
 The two run in separate worker processes stepped alternately, as in compare_torch.py, and it
 prints one JSON line with the median step times, `ratio` = MONAI's step time / seg_jax's
 (> 1: seg_jax is faster) and each side's model FLOPs per second of its step.
@@ -48,10 +50,12 @@ from seg_jax import config as config_lib
 _PATCH = flags.DEFINE_list("patch", ["48", "48", "48"], "Patch (D, H, W) voxels.")
 _MONAI_CHANNELS = flags.DEFINE_list(
     "monai_channels", ["16", "32", "64", "128"], "MONAI UNet's channels. The default is the "
-    "issue's; its first stride-2 unit halves the patch at once, so seg_jax's network (a full-"
-    "resolution level first) does ~4x its FLOPs. 16,32,64,128,128 with --monai_strides=1,2,2,2 "
-    "has seg_jax's resolution levels.")
+    "issue's; 16,32,64,128,128 with --monai_strides=1,2,2,2 has the resolution levels of "
+    "--seg_jax_preset=default.")
 _MONAI_STRIDES = flags.DEFINE_list("monai_strides", ["2", "2", "2"], "MONAI UNet's strides.")
+_SEG_JAX_PRESET = flags.DEFINE_enum(
+    "seg_jax_preset", "monai", ["monai", "default"], "seg_jax's network: configs/unet3d.py:monai "
+    "(MONAI's levels) or configs/unet3d.py (a full-resolution level first).")
 _PROFILE = flags.DEFINE_integer(
     "profile_monai", 0, "With --worker=torch: profile this many MONAI steps (after 3 warm-up "
     "steps) with torch.profiler and print its table of operators by self CPU time, instead of "
@@ -71,13 +75,10 @@ def _inputs():
 
 
 def _seg_jax_config(batch_size: int):
-  config = config_lib.base_config(model="unet3d", dataset="shapes3d")
+  from configs import unet3d
+  config = unet3d.get_config("monai" if _SEG_JAX_PRESET.value == "monai" else "")
   config.dataset.patch_size = _patch()
   config.dataset.num_classes = compare_torch._CLASSES.value
-  config.model.width, config.model.max_width, config.model.depth = 16, 128, 3
-  config.model.norm, config.model.residual = "instance", True
-  config.loss.name = "ce+dice"
-  config.optimizer.name, config.optimizer.schedule = "adam", "constant"
   config.batch_size = batch_size
   config.conv_backend = compare_torch._CONV_BACKEND.value
   if config.dataset.num_classes != 4:  # shapes3d's own count; the benchmark makes its data
@@ -181,6 +182,7 @@ def main(_):
                       "monai": round(monai_info["model_flops"] / monai_s / 1e9, 1)},
       "monai_channels": [int(c) for c in _MONAI_CHANNELS.value],
       "monai_strides": [int(s) for s in _MONAI_STRIDES.value],
+      "seg_jax_preset": _SEG_JAX_PRESET.value,
       "conv_backend": ct._CONV_BACKEND.value, "jax": jax_info["jax"],
       "monai": monai_info["monai"], "cpu_count": os.cpu_count(),
       "python": platform.python_version()}))

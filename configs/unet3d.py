@@ -11,6 +11,12 @@ with a third centred on foreground. A Medical Segmentation Decathlon folder:
 
 (both datasets share their keys, so `dataset.name` alone switches; the class count comes from
 DIR/dataset.json.)
+
+`configs/unet3d.py:monai` is MONAI's `UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2),
+num_res_units=2)` layout: the first unit strided, so the levels work at 1/2, 1/4, 1/8 and 1/8
+of the input (the last a stride-1 bottom unit) and a learned upsampling gives the logits. The
+default keeps a full-resolution level of 16 channels first (nnU-Net's layout): about 8x the
+FLOPs, for the small structures (see the README's 3D section for both measured).
 """
 
 import ml_collections
@@ -19,8 +25,8 @@ from seg_jax import config as config_lib
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  """`arg`: comma-separated `dataset=NAME`, `model=NAME`."""
-  options = config_lib.config_options(arg)
+  """`arg`: comma-separated `dataset=NAME`, `model=NAME` and the preset `monai`."""
+  options = config_lib.config_options(arg, presets=("monai",))
   config = config_lib.base_config(model="unet3d", dataset="shapes3d")
 
   config.dataset.patch_size = (32, 48, 48)   # (D, H, W) voxels; multiples of 2**model.depth
@@ -33,6 +39,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model.depth = 3                     # stride-2 downsamplings
   config.model.norm = "instance"
   config.model.residual = True
+  if options["preset"] == "monai":
+    config.model.first_strides = (2, 2, 2)
+    config.model.strides = ((2, 2, 2), (2, 2, 2), (1, 1, 1))
 
   config.loss.name = "ce+dice"
   config.optimizer.name = "adam"

@@ -581,7 +581,8 @@ def serving_input(config: ml_collections.ConfigDict, channels: int, normalizatio
   """The exported graphs' input for `config`'s model (images or volumes)."""
   if config_lib.task(config) == "volumetric":
     from seg_jax.models import unet3d
-    multiples = unet3d.input_multiples(config.model.depth, models.as_tuples(config.model.strides))
+    multiples = unet3d.input_multiples(config.model.depth, models.as_tuples(config.model.strides),
+                                       tuple(config.model.first_strides))
     return ServingInput(channels=channels, multiples=multiples,
                         fixed_size=tuple(config.dataset.patch_size), normalization=None)
   multiple = models.input_multiple(config)

@@ -57,6 +57,34 @@ def test_unet3d_keeps_the_shape_with_anisotropic_strides():
                    jnp.ones((1, 2, 6, 4, 1)))
 
 
+def test_monai_preset_has_monais_levels():
+  """configs/unet3d.py:monai is MONAI's UNet(channels=(16, 32, 64, 128), strides=(2, 2, 2),
+  num_res_units=2) layout: its units work at 1/2, 1/4, 1/8 and 1/8 of the input (the bottom one
+  unstrided) with 16, 32, 64 and 128 channels, and the logits come back at the input's size."""
+  from configs import unet3d as unet3d_config
+  from seg_jax import config as config_lib
+  config = unet3d_config.get_config("monai")
+  config.dataset.patch_size = (16, 16, 16)
+  config_lib.validate(config)
+  model = models.build_model(config)
+  x = jnp.ones((1, 16, 16, 16, 1))
+  variables = jax.jit(lambda x: model.init(models.init_key(0), x, train=False))(x)
+  logits, state = model.apply(variables, x, train=False, capture_intermediates=True)
+  assert logits.shape == (1, 16, 16, 16, config.dataset.num_classes)
+  shapes = {name: state["intermediates"][name]["__call__"][0].shape
+            for name in ("down0", "down1", "down2", "bottom")}
+  assert shapes == {"down0": (1, 8, 8, 8, 16), "down1": (1, 4, 4, 4, 32),
+                    "down2": (1, 2, 2, 2, 64), "bottom": (1, 2, 2, 2, 128)}
+  assert unet3d.input_multiples(3, config.model.strides, config.model.first_strides) == (8, 8, 8)
+  config.dataset.patch_size = (16, 16, 12)
+  with pytest.raises(config_lib.ConfigError, match="multiples of \\(8, 8, 8\\)"):
+    config_lib.validate(config)
+  config.dataset.patch_size = (16, 16, 16)
+  config.model.first_strides = (2, 0, 2)
+  with pytest.raises(config_lib.ConfigError, match="model.first_strides"):
+    config_lib.validate(config)
+
+
 def test_instance_norm_normalises_each_channel_of_each_example():
   x = np.random.default_rng(1).normal(3.0, 2.0, size=(2, 3, 4, 5, 6)).astype(np.float32)
   norm = layers.make_norm("instance", train=True)
