@@ -84,6 +84,8 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
   """Bilinear resize of [N, H, W, C] to a larger (or equal) size: torch's align_corners=False."""
   if x.shape[1:3] == (height, width):
     return x
+  if height % x.shape[1] == 0 and width % x.shape[2] == 0:  # always, inside the model
+    return layers.upsample_bilinear(x, (height // x.shape[1], width // x.shape[2]))
   return jax.image.resize(x, (x.shape[0], height, width, x.shape[-1]), method="bilinear")
 
 
@@ -106,7 +108,11 @@ class DepthwiseConv3x3(nn.Module):
     out = bias
     for i in range(3):
       for j in range(3):
-        out = out + padded[:, i:i + height, j:j + width, :] * kernel[i, j, 0]
+        # lax slices, not indexing: with symbolic sizes (export) indexing becomes a dynamic
+        # gather, which the TFLite converter cannot take.
+        window = jax.lax.slice_in_dim(jax.lax.slice_in_dim(padded, i, i + height, axis=1),
+                                      j, j + width, axis=2)
+        out = out + window * kernel[i, j, 0]
     return out
 
 
