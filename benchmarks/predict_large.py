@@ -99,8 +99,39 @@ def _status_kib(field: str) -> int:
     return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def main(_):
+def _measured_run(config) -> tuple[dict, dict]:
+  """predict.run's summary, and its cost: CPU seconds of all of it (restore and compilation
+  included: on a shared machine a steadier measure of the work than wall-clock seconds), the
+  load, and the resident memory before it and at its peak."""
   from seg_jax import predict
+  # Peak RSS from here on (Linux: writing 5 to clear_refs resets VmHWM).
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  before = _status_kib("VmRSS")
+  cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+  summary = predict.run(config, _WORKDIR.value)
+  cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+  peak = _status_kib("VmHWM")
+  return summary, {
+      "cpu_seconds_predict_run": round(cpu_after.ru_utime + cpu_after.ru_stime
+                                       - cpu_before.ru_utime - cpu_before.ru_stime, 1),
+      "load_average": round(os.getloadavg()[0], 1), "cpus": os.cpu_count(),
+      "rss_before_predict_mib": round(before / 1024),
+      "peak_rss_during_predict_mib": round(peak / 1024)}
+
+
+def _dice_per_class(label: np.ndarray, truth: np.ndarray, classes) -> list[float]:
+  """Dice of each of `classes` that is in the label or the truth."""
+  dice = []
+  for c in classes:
+    both = np.count_nonzero((label == c) & (truth == c))
+    total = np.count_nonzero(label == c) + np.count_nonzero(truth == c)
+    if total:
+      dice.append(2 * both / total)
+  return dice
+
+
+def main(_):
   config = _CONFIG.value
   out = _OUT.value or tempfile.mkdtemp(prefix="predict_large_")
   os.makedirs(out, exist_ok=True)
@@ -113,78 +144,40 @@ def main(_):
   config.predict.input = image_path
   config.predict.output = os.path.join(out, "predictions")
   config_lib.validate(config)
-
-  # Peak RSS from here on (Linux: writing 5 to clear_refs resets VmHWM).
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-  before = _status_kib("VmRSS")
-  cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-  summary = predict.run(config, _WORKDIR.value)
-  cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-  peak = _status_kib("VmHWM")
+  summary, cost = _measured_run(config)
 
   label = np.asarray(Image.open(os.path.join(config.predict.output, f"mosaic{_SIZE.value}_label.png")))
   k = config.dataset.num_classes
-  dice = []
-  for c in range(k):
-    both = np.count_nonzero((label == c) & (truth == c))
-    total = np.count_nonzero(label == c) + np.count_nonzero(truth == c)
-    if total:
-      dice.append(2 * both / total)
+  dice = _dice_per_class(label, truth, range(k))
   print(json.dumps({
       "size": _SIZE.value, "classes": k, "tile_size": config.predict.tile_size,
       "overlap": config.predict.overlap, "tta": config.predict.tta,
       "tile_batch": config.predict.batch_size,
       "save_probabilities": config.predict.save_probabilities,
-      "seconds_per_image": round(summary["seconds_per_image"], 2),
-      # CPU seconds of all of predict.run (restore and compilation included): on a shared
-      # machine a steadier measure of the work than wall-clock seconds.
-      "cpu_seconds_predict_run": round(cpu_after.ru_utime + cpu_after.ru_stime
-                                       - cpu_before.ru_utime - cpu_before.ru_stime, 1),
-      "load_average": round(os.getloadavg()[0], 1), "cpus": os.cpu_count(),
-      "rss_before_predict_mib": round(before / 1024),
-      "peak_rss_during_predict_mib": round(peak / 1024),
+      "seconds_per_image": round(summary["seconds_per_image"], 2), **cost,
       "whole_image_probabilities_mib": round(_SIZE.value ** 2 * k * 4 / 2 ** 20),
       "mean_dice_vs_truth": round(float(np.mean(dice)), 4), "output": out}))
 
 
 def _predict_volume(config, out: str) -> None:
   import nibabel as nib
-  from seg_jax import predict
   shape = tuple(int(v) for v in _VOLUME_SHAPE.value)
   scan_path, truth = _write_volume(out, _WORKDIR.value, shape)
   config.predict.input = scan_path
   config.predict.output = os.path.join(out, "predictions")
   config_lib.validate(config)
-
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-  before = _status_kib("VmRSS")
-  cpu_before = resource.getrusage(resource.RUSAGE_SELF)
-  summary = predict.run(config, _WORKDIR.value)
-  cpu_after = resource.getrusage(resource.RUSAGE_SELF)
-  peak = _status_kib("VmHWM")
+  summary, cost = _measured_run(config)
 
   label = np.asarray(nib.load(os.path.join(config.predict.output, "scan.nii.gz")).dataobj
                      ).transpose(2, 1, 0)
   k = config.dataset.num_classes
-  dice = []
-  for c in range(1, k):
-    both = np.count_nonzero((label == c) & (truth == c))
-    total = np.count_nonzero(label == c) + np.count_nonzero(truth == c)
-    if total:
-      dice.append(2 * both / total)
+  dice = _dice_per_class(label, truth, range(1, k))
   print(json.dumps({
       "volume_shape": list(shape), "classes": k, "window": list(config.dataset.patch_size),
       "overlap": config.predict.overlap, "tta": config.predict.tta,
       "window_batch": config.predict.batch_size,
       # reading, preparing, compiling, sliding windows, writing NIfTI and PNG (not restoring)
-      "seconds_per_volume": round(summary["seconds_per_case"], 1),
-      "cpu_seconds_predict_run": round(cpu_after.ru_utime + cpu_after.ru_stime
-                                       - cpu_before.ru_utime - cpu_before.ru_stime, 1),
-      "load_average": round(os.getloadavg()[0], 1), "cpus": os.cpu_count(),
-      "rss_before_predict_mib": round(before / 1024),
-      "peak_rss_during_predict_mib": round(peak / 1024),
+      "seconds_per_volume": round(summary["seconds_per_case"], 1), **cost,
       "whole_volume_probabilities_mib": round(np.prod(shape) * k * 4 / 2 ** 20),
       "foreground_dice_vs_truth": round(float(np.mean(dice)), 4) if dice else None,
       "output": out}))
