@@ -25,15 +25,28 @@ SIZES = ((32, 32), (29, 37))  # the TFLite size (dataset.image_size); odd sizes,
 TILE = 256  # predict.tile_size: the exported graphs mirror smaller images up to it
 
 
-def _reference(model, variables, images):
-  """(class ids, probabilities) in numpy from the model's logits on the mirrored images."""
-  height, width = images.shape[1:3]
-  padded = np.pad(images, [(0, 0), (0, TILE - height), (0, TILE - width), (0, 0)], mode="reflect")
-  x = padded.astype(np.float32) / 255 * 2 - 1
-  logits = np.asarray(model.apply(variables, x, train=False), np.float64)[:, :height, :width]
+def _softmax_reference(logits):
+  """(class ids, probabilities) of logits, in float64 numpy."""
+  logits = np.asarray(logits, np.float64)
   e = np.exp(logits - logits.max(-1, keepdims=True))
   probabilities = e / e.sum(-1, keepdims=True)
   return probabilities.argmax(-1), probabilities
+
+
+def _mirrored_reference(apply, images, padded_size):
+  """(class ids, probabilities) from `apply`'s logits on the images mirrored by numpy (mode
+  'reflect') up to padded_size(n) per side and normalised as x / 255 * 2 - 1, cropped back."""
+  height, width = images.shape[1:3]
+  pads = [(0, padded_size(n) - n) for n in (height, width)]
+  padded = np.pad(images, [(0, 0), *pads, (0, 0)], mode="reflect")
+  return _softmax_reference(
+      np.asarray(apply(padded.astype(np.float32) / 255 * 2 - 1))[:, :height, :width])
+
+
+def _reference(model, variables, images):
+  """The exported U-Net's reference: mirrored up to predict's tile size."""
+  return _mirrored_reference(lambda x: model.apply(variables, x, train=False), images,
+                             lambda n: TILE)
 
 
 def _images(n, height, width, seed):
@@ -228,9 +241,9 @@ def test_the_graph_normalises_as_the_model_was_trained(exported):
                   ("minus_one_to_one", images / np.float32(255) * 2 - 1)):
     got = np.asarray(export.serving_probabilities(variables, images, model=model,
                                                   normalization=name))
-    logits = np.asarray(model.apply(variables, x.astype(np.float32), train=False), np.float64)
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=0, atol=1e-5)
+    _, probabilities = _softmax_reference(model.apply(variables, x.astype(np.float32),
+                                                      train=False))
+    np.testing.assert_allclose(got, probabilities, rtol=0, atol=1e-5)
 
 
 def _dice(classes, labels, num_classes):
@@ -296,15 +309,10 @@ def test_deeplab_exports_to_onnx_and_agrees_with_jax_on_two_sizes(tmp_path):
     images = _images(2, height, width, seed=height)
     # Mirrored up to 32 (min_size) and a multiple of 16: both run the model at 32x32 (one
     # compiled reference).
-    pads = [(0, max(n, 32) + -max(n, 32) % 16 - n) for n in (height, width)]
-    padded = np.pad(images, [(0, 0), *pads, (0, 0)], mode="reflect")
-    logits = np.asarray(apply(variables, padded.astype(np.float32) / 255 * 2 - 1),
-                        np.float64)[:, :height, :width]
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    probabilities = e / e.sum(-1, keepdims=True)
+    reference = _mirrored_reference(functools.partial(apply, variables), images,
+                                    lambda n: max(n, 32) + -max(n, 32) % 16)
     classes, onnx_probabilities = session.run(["classes", "probabilities"], {"image": images})
-    _assert_agrees("onnx", classes, onnx_probabilities,
-                   (probabilities.argmax(-1), probabilities), atol=1e-4)
+    _assert_agrees("onnx", classes, onnx_probabilities, reference, atol=1e-4)
 
 
 def test_a_tiny_3d_unet_exports_saved_model_and_stablehlo_and_says_what_it_leaves_out(tmp_path):
@@ -337,10 +345,8 @@ def test_a_tiny_3d_unet_exports_saved_model_and_stablehlo_and_says_what_it_leave
   for shape in ((2, 8, 8, 8, 1), (1, 5, 7, 9, 1)):
     volumes = rng.normal(size=shape).astype(np.float32)
     pads = [(0, 0)] + [(0, -n % 2) for n in shape[1:4]] + [(0, 0)]
-    logits = np.asarray(model.apply(variables, np.pad(volumes, pads), train=False), np.float64)
-    logits = logits[:, :shape[1], :shape[2], :shape[3]]
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    reference = (e / e.sum(-1, keepdims=True)).argmax(-1), e / e.sum(-1, keepdims=True)
+    logits = model.apply(variables, np.pad(volumes, pads), train=False)
+    reference = _softmax_reference(np.asarray(logits)[:, :shape[1], :shape[2], :shape[3]])
     result = serve(image=tf.constant(volumes))
     _assert_agrees("saved_model", result["classes"].numpy(), result["probabilities"].numpy(),
                    reference, atol=1e-4)
@@ -381,12 +387,8 @@ def test_a_tiny_segformer_exports_all_but_onnx_and_agrees_with_jax(tmp_path):
   serve = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
   for height, width in ((multiple, multiple), (multiple - 3, multiple + 5)):
     images = _images(2, height, width, seed=height)
-    pads = [(0, n + -n % multiple - n) for n in (height, width)]
-    padded = np.pad(images, [(0, 0), *pads, (0, 0)], mode="reflect")
-    logits = np.asarray(apply(variables, padded.astype(np.float32) / 255 * 2 - 1),
-                        np.float64)[:, :height, :width]
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    probabilities = e / e.sum(-1, keepdims=True)
+    reference = _mirrored_reference(functools.partial(apply, variables), images,
+                                    lambda n: n + -n % multiple)
     result = serve(image=tf.constant(images))
     _assert_agrees("saved_model", result["classes"].numpy(), result["probabilities"].numpy(),
-                   (probabilities.argmax(-1), probabilities), atol=1e-4)
+                   reference, atol=1e-4)
